@@ -1,0 +1,372 @@
+package cache
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// BlobInfo describes a stored blob.
+type BlobInfo struct {
+	Digest   digest.Digest
+	Size     int64
+	Origin   Origin
+	StoredAt time.Time
+}
+
+// StatBlob returns the index entry of a stored blob, or ErrNotFound.
+func (s *Store) StatBlob(d digest.Digest) (BlobInfo, error) {
+	v, err := s.get(keyBlob(d))
+	if err != nil {
+		return BlobInfo{}, err
+	}
+	return decodeBlob(d, v)
+}
+
+// OpenBlob opens a stored blob for reading. The caller closes the file. A
+// blob whose index entry exists but whose file is gone is ErrNotFound (the
+// next fill stores it again).
+func (s *Store) OpenBlob(d digest.Digest) (*os.File, BlobInfo, error) {
+	info, err := s.StatBlob(d)
+	if err != nil {
+		return nil, BlobInfo{}, err
+	}
+	f, err := os.Open(s.blobPath(d))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, BlobInfo{}, fmt.Errorf("blob file of %s is missing: %w", d, ErrNotFound)
+	}
+	if err != nil {
+		return nil, BlobInfo{}, fmt.Errorf("cache: %w", err)
+	}
+	return f, info, nil
+}
+
+// PutBlob stores r under d: a convenience for small blobs and tests.
+func (s *Store) PutBlob(r io.Reader, d digest.Digest, origin Origin) error {
+	w, err := s.NewBlobWriter(d.Algorithm())
+	if err != nil {
+		return err
+	}
+	defer w.Cancel()
+	if _, err := io.Copy(w, r); err != nil {
+		return err
+	}
+	return w.Commit(d, -1, origin)
+}
+
+// BlobWriter writes one blob into a temp file beside the store. Bytes become
+// visible under their digest only through Commit, which verifies them first.
+//
+// While it is being written, Follow gives readers the bytes written so far,
+// all but the last one: the final byte is released only once Commit has
+// verified the digest, so nobody ever reads a complete blob with wrong bytes.
+//
+// Write is not safe for concurrent use; Follow, Commit and Cancel are.
+// Cancel after Commit is a no-op, so it can be deferred.
+type BlobWriter struct {
+	s        *Store
+	f        *os.File
+	alg      digest.Algorithm
+	digester digest.Digester
+
+	mu      sync.Mutex
+	path    string        // where the bytes are now: temp path, then final path
+	written int64         // bytes written to the file
+	visible int64         // bytes followers may read
+	final   bool          // visible == written and no more bytes will come
+	err     error         // set when the write failed or was canceled
+	changed chan struct{} // closed and replaced whenever the above change
+}
+
+// NewBlobWriter starts a blob whose digest will use alg (sha256 if empty).
+func (s *Store) NewBlobWriter(alg digest.Algorithm) (*BlobWriter, error) {
+	if alg == "" {
+		alg = digest.SHA256
+	}
+	if !alg.Available() {
+		return nil, fmt.Errorf("cache: digest algorithm %q is not available", alg)
+	}
+	path, f, err := s.createTemp()
+	if err != nil {
+		return nil, err
+	}
+	return &BlobWriter{
+		s: s, f: f, alg: alg, digester: alg.Digester(),
+		path: path, changed: make(chan struct{}),
+	}, nil
+}
+
+func (s *Store) createTemp() (string, *os.File, error) {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return "", nil, err
+	}
+	path := filepath.Join(s.tmpDir(), hex.EncodeToString(b[:]))
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
+	if err != nil {
+		return "", nil, fmt.Errorf("cache: create temp file: %w", err)
+	}
+	return path, f, nil
+}
+
+// Write appends p to the blob.
+func (w *BlobWriter) Write(p []byte) (int, error) {
+	w.mu.Lock()
+	err := w.err
+	done := w.final
+	w.mu.Unlock()
+	if err != nil {
+		return 0, err
+	}
+	if done {
+		return 0, errors.New("cache: write after commit")
+	}
+	n, err := w.f.Write(p)
+	w.digester.Hash().Write(p[:n])
+	w.mu.Lock()
+	w.written += int64(n)
+	if w.written > 0 {
+		w.visible = w.written - 1
+	}
+	w.notifyLocked()
+	w.mu.Unlock()
+	if err != nil {
+		err = fmt.Errorf("cache: write temp file: %w", err)
+		w.Abort(err)
+	}
+	return n, err
+}
+
+// Size is the number of bytes written so far.
+func (w *BlobWriter) Size() int64 {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.written
+}
+
+func (w *BlobWriter) notifyLocked() {
+	close(w.changed)
+	w.changed = make(chan struct{})
+}
+
+// Commit verifies the bytes against want (and size, unless it is negative),
+// then makes the blob visible: fsync, rename into place, index. If the blob is
+// already stored, the temp file is dropped and Commit succeeds: in a
+// content-addressed store, "already there" means done. A pushed blob that was
+// stored as pulled becomes pushed (and so pinned).
+func (w *BlobWriter) Commit(want digest.Digest, size int64, origin Origin) error {
+	if err := want.Validate(); err != nil {
+		w.Abort(err)
+		return err
+	}
+	w.mu.Lock()
+	err, written := w.err, w.written
+	w.mu.Unlock()
+	if err != nil {
+		return err
+	}
+	if size >= 0 && written != size {
+		err := fmt.Errorf("%w: got %d bytes, want %d", ErrSizeMismatch, written, size)
+		w.Abort(err)
+		return err
+	}
+	got, err := w.digest(want.Algorithm())
+	if err != nil {
+		w.Abort(err)
+		return err
+	}
+	if got != want {
+		err := fmt.Errorf("%w: got %s, want %s", ErrDigestMismatch, got, want)
+		w.Abort(err)
+		return err
+	}
+	// Verified: followers may have the last byte now.
+	w.mu.Lock()
+	w.visible, w.final = w.written, true
+	w.notifyLocked()
+	w.mu.Unlock()
+
+	if err := w.s.commitFile(w, want, written, origin); err != nil {
+		w.Abort(err)
+		return err
+	}
+	return nil
+}
+
+// digest returns the digest of what was written, with alg. The running hash
+// is used when it has that algorithm; otherwise the file is read again.
+func (w *BlobWriter) digest(alg digest.Algorithm) (digest.Digest, error) {
+	if alg == w.alg {
+		return w.digester.Digest(), nil
+	}
+	if !alg.Available() {
+		return "", fmt.Errorf("cache: digest algorithm %q is not available", alg)
+	}
+	d := alg.Digester()
+	if _, err := io.Copy(d.Hash(), io.NewSectionReader(w.f, 0, w.Size())); err != nil {
+		return "", fmt.Errorf("cache: rehash: %w", err)
+	}
+	return d.Digest(), nil
+}
+
+// commitFile moves a verified temp file into place under the per-digest
+// lock, so that concurrent writers of one digest leave one file and one
+// index entry whatever their mix.
+func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Origin) error {
+	unlock := s.locks.Lock(string(d))
+	defer unlock()
+
+	final := s.blobPath(d)
+	if info, err := s.StatBlob(d); err == nil {
+		if _, statErr := os.Stat(final); statErr == nil {
+			w.dropTemp(final)
+			if origin == OriginPushed && info.Origin != OriginPushed {
+				info.Origin = OriginPushed
+				return s.set(keyBlob(d), encodeBlob(info))
+			}
+			return nil
+		}
+		// Indexed but the file is gone: store it again below.
+	} else if !errors.Is(err, ErrNotFound) {
+		return err
+	}
+
+	if err := w.f.Sync(); err != nil {
+		return fmt.Errorf("cache: fsync: %w", err)
+	}
+	dir := filepath.Dir(final)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return fmt.Errorf("cache: %w", err)
+	}
+	w.mu.Lock()
+	err := os.Rename(w.path, final)
+	if err == nil {
+		w.path = final
+	}
+	w.mu.Unlock()
+	if err != nil {
+		return fmt.Errorf("cache: rename into place: %w", err)
+	}
+	if err := syncDir(dir); err != nil {
+		return err
+	}
+	w.f.Close()
+	return s.set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: size, Origin: origin, StoredAt: s.now()}))
+}
+
+// dropTemp removes the temp file because an identical blob is already at final.
+func (w *BlobWriter) dropTemp(final string) {
+	w.mu.Lock()
+	tmp := w.path
+	w.path = final
+	w.mu.Unlock()
+	w.f.Close()
+	os.Remove(tmp)
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("cache: %w", err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("cache: fsync dir: %w", err)
+	}
+	return nil
+}
+
+// Cancel abandons the blob and removes its temp file. Followers get
+// ErrCanceled. Cancel after Commit is a no-op.
+func (w *BlobWriter) Cancel() { w.Abort(ErrCanceled) }
+
+// Abort is Cancel with a cause: followers get err.
+func (w *BlobWriter) Abort(err error) {
+	w.mu.Lock()
+	if w.err != nil || (w.final && w.path != "" && !w.isTempLocked()) {
+		w.mu.Unlock()
+		return
+	}
+	w.err = err
+	w.final = false
+	path := w.path
+	w.notifyLocked()
+	w.mu.Unlock()
+	w.f.Close()
+	if w.s.isTemp(path) {
+		os.Remove(path)
+	}
+}
+
+func (w *BlobWriter) isTempLocked() bool { return w.s.isTemp(w.path) }
+
+func (s *Store) isTemp(path string) bool { return filepath.Dir(path) == s.tmpDir() }
+
+// Follow returns a reader of the blob as it is being written. Read blocks
+// until more bytes are visible, the blob is committed (then io.EOF at its
+// end), it fails (then that error), or ctx is done.
+func (w *BlobWriter) Follow(ctx context.Context) (io.ReadCloser, error) {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.err != nil {
+		return nil, w.err
+	}
+	f, err := os.Open(w.path)
+	if err != nil {
+		return nil, fmt.Errorf("cache: follow: %w", err)
+	}
+	return &follower{w: w, f: f, ctx: ctx}, nil
+}
+
+type follower struct {
+	w   *BlobWriter
+	f   *os.File
+	ctx context.Context
+	off int64
+}
+
+func (r *follower) Read(p []byte) (int, error) {
+	if len(p) == 0 {
+		return 0, nil
+	}
+	for {
+		r.w.mu.Lock()
+		visible, final, err, changed := r.w.visible, r.w.final, r.w.err, r.w.changed
+		r.w.mu.Unlock()
+		if err != nil {
+			return 0, err
+		}
+		if r.off < visible {
+			n := int64(len(p))
+			if rest := visible - r.off; rest < n {
+				n = rest
+			}
+			m, err := r.f.ReadAt(p[:n], r.off)
+			r.off += int64(m)
+			if err == io.EOF && m > 0 {
+				err = nil
+			}
+			return m, err
+		}
+		if final {
+			return 0, io.EOF
+		}
+		select {
+		case <-changed:
+		case <-r.ctx.Done():
+			return 0, r.ctx.Err()
+		}
+	}
+}
+
+func (r *follower) Close() error { return r.f.Close() }

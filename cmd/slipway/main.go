@@ -1,0 +1,221 @@
+// Command slipway is a pull-through caching OCI registry mirror and a local
+// push target.
+//
+//	slipway serve [--listen ADDR] [--upstream URL] [--data-dir DIR] ...
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"slipway/cache"
+	"slipway/mirror"
+	"slipway/upstream"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+const usage = `slipway: a pull-through caching OCI registry mirror and push target
+
+Usage:
+  slipway serve [flags]   run the mirror (slipway serve -h for flags)
+  slipway version         print the version
+`
+
+var version = "dev"
+
+func run(args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 {
+		fmt.Fprint(stderr, usage)
+		return 2
+	}
+	switch args[0] {
+	case "serve":
+		return serve(args[1:], stderr)
+	case "version", "--version":
+		fmt.Fprintln(stdout, "slipway", version)
+		return 0
+	case "help", "-h", "--help":
+		fmt.Fprint(stdout, usage)
+		return 0
+	}
+	fmt.Fprintf(stderr, "slipway: unknown command %q\n\n%s", args[0], usage)
+	return 2
+}
+
+type serveConfig struct {
+	listen          string
+	upstream        string
+	dataDir         string
+	tagTTL          time.Duration
+	fillTimeout     time.Duration
+	fillIdle        time.Duration
+	shutdownTimeout time.Duration
+	logFormat       string
+	logLevel        string
+}
+
+// serveFlags declares serve's flags. Each flag has an environment twin,
+// SLIPWAY_<FLAG> with dashes as underscores; a flag on the command line
+// wins over its twin.
+func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
+	c := &serveConfig{}
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&c.listen, "listen", ":5000", "address to listen on")
+	fs.StringVar(&c.upstream, "upstream", "https://registry-1.docker.io", "default upstream registry URL (http:// for one without TLS)")
+	fs.StringVar(&c.dataDir, "data-dir", "./slipway-data", "directory for blobs and the index")
+	fs.DurationVar(&c.tagTTL, "tag-ttl", 5*time.Minute, "how long a tag is served before it is revalidated with the upstream")
+	fs.DurationVar(&c.fillTimeout, "fill-timeout", time.Hour, "longest time one upstream blob download may take")
+	fs.DurationVar(&c.fillIdle, "fill-idle-timeout", time.Minute, "cancel a blob download when the upstream sends nothing for this long")
+	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long shutdown waits for responses in flight")
+	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	return fs, c
+}
+
+func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
+	fs, c := serveFlags(stderr)
+	var envErr error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "SLIPWAY_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok && envErr == nil {
+			if err := f.Value.Set(v); err != nil {
+				envErr = fmt.Errorf("%s: %w", env, err)
+			}
+		}
+	})
+	if envErr != nil {
+		return nil, envErr
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	return c, nil
+}
+
+func newLogger(format, level string, w io.Writer) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log level %q: %w", level, err)
+	}
+	o := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, o)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, o)), nil
+	}
+	return nil, fmt.Errorf("log format %q: want text or json", format)
+}
+
+func serve(args []string, stderr io.Writer) int {
+	c, err := parseServe(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintln(stderr, "slipway serve:", err)
+		return 2
+	}
+	log, err := newLogger(c.logFormat, c.logLevel, stderr)
+	if err != nil {
+		fmt.Fprintln(stderr, "slipway serve:", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := serveUntil(ctx, c, log, nil); err != nil {
+		log.Error("slipway stopped", "err", err)
+		return 1
+	}
+	return 0
+}
+
+// serveUntil runs the mirror until ctx is done, then shuts down in order:
+// stop HTTP (letting responses in flight finish), cancel and wait for fills,
+// close the store. ready, if not nil, receives the listening address.
+func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready chan<- string) error {
+	store, err := cache.Open(c.dataDir, cache.Options{Logger: log})
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+
+	up, err := upstream.New(upstream.Config{URL: c.upstream})
+	if err != nil {
+		return err
+	}
+	fills := upstream.NewFiller(store, upstream.FillerOptions{Logger: log, Timeout: c.fillTimeout, IdleTimeout: c.fillIdle})
+	defer fills.Close()
+	proxy := upstream.NewProxy(up, store, fills, upstream.ProxyOptions{Logger: log, TagTTL: c.tagTTL})
+	srv, err := mirror.New(mirror.Config{
+		Store:     store,
+		Upstreams: []mirror.Upstream{{Proxy: proxy, DockerHub: isDockerHub(c.upstream)}},
+		Logger:    log,
+	})
+	if err != nil {
+		return err
+	}
+
+	ln, err := net.Listen("tcp", c.listen)
+	if err != nil {
+		return err
+	}
+	hs := &http.Server{
+		Handler:           srv.Handler(),
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}
+	errc := make(chan error, 1)
+	go func() { errc <- hs.Serve(ln) }()
+	log.Info("slipway serving", "addr", ln.Addr().String(), "upstream", up.URL(), "data_dir", c.dataDir, "version", version)
+	if ready != nil {
+		ready <- ln.Addr().String()
+	}
+
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	log.Info("shutting down")
+	sctx, cancel := context.WithTimeout(context.Background(), c.shutdownTimeout)
+	defer cancel()
+	if err := hs.Shutdown(sctx); err != nil {
+		log.Warn("responses still in flight at shutdown deadline", "err", err)
+		hs.Close()
+	}
+	return nil
+}
+
+func isDockerHub(rawURL string) bool {
+	u, err := url.Parse(rawURL)
+	if err != nil {
+		return false
+	}
+	switch u.Hostname() {
+	case "registry-1.docker.io", "index.docker.io", "docker.io":
+		return true
+	}
+	return false
+}

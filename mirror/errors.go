@@ -1,0 +1,175 @@
+package mirror
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"strconv"
+
+	"github.com/labstack/echo/v4"
+
+	"slipway/cache"
+	"slipway/upstream"
+)
+
+// code is an OCI error code with the HTTP status the distribution spec
+// gives it. Each is declared once, here.
+type code struct {
+	name   string
+	status int
+}
+
+var (
+	codeBlobUnknown         = code{"BLOB_UNKNOWN", http.StatusNotFound}
+	codeBlobUploadInvalid   = code{"BLOB_UPLOAD_INVALID", http.StatusBadRequest}
+	codeBlobUploadUnknown   = code{"BLOB_UPLOAD_UNKNOWN", http.StatusNotFound}
+	codeDigestInvalid       = code{"DIGEST_INVALID", http.StatusBadRequest}
+	codeManifestBlobUnknown = code{"MANIFEST_BLOB_UNKNOWN", http.StatusBadRequest}
+	codeManifestInvalid     = code{"MANIFEST_INVALID", http.StatusBadRequest}
+	codeManifestUnknown     = code{"MANIFEST_UNKNOWN", http.StatusNotFound}
+	codeNameInvalid         = code{"NAME_INVALID", http.StatusBadRequest}
+	codeNameUnknown         = code{"NAME_UNKNOWN", http.StatusNotFound}
+	codeSizeInvalid         = code{"SIZE_INVALID", http.StatusBadRequest}
+	codeTagInvalid          = code{"TAG_INVALID", http.StatusBadRequest}
+	codeUnauthorized        = code{"UNAUTHORIZED", http.StatusUnauthorized}
+	codeDenied              = code{"DENIED", http.StatusForbidden}
+	codeUnsupported         = code{"UNSUPPORTED", http.StatusMethodNotAllowed}
+	codeRouteUnknown        = code{"NOT_FOUND", http.StatusNotFound}
+	codeTooManyRequests     = code{"TOOMANYREQUESTS", http.StatusTooManyRequests}
+	codeTooLarge            = code{"SIZE_INVALID", http.StatusRequestEntityTooLarge}
+	codeRangeInvalid        = code{"BLOB_UPLOAD_INVALID", http.StatusRequestedRangeNotSatisfiable}
+	codeUnavailable         = code{"UNAVAILABLE", http.StatusServiceUnavailable}
+	codeBadGateway          = code{"UNAVAILABLE", http.StatusBadGateway}
+	codeInternal            = code{"UNKNOWN", http.StatusInternalServerError}
+)
+
+// ociError is an error a client sees: a code and a message.
+type ociError struct {
+	code    code
+	message string
+	cause   error
+	header  http.Header // extra response headers (Retry-After, WWW-Authenticate)
+}
+
+func (e *ociError) Error() string {
+	if e.cause != nil {
+		return e.code.name + ": " + e.message + ": " + e.cause.Error()
+	}
+	return e.code.name + ": " + e.message
+}
+
+func (e *ociError) Unwrap() error { return e.cause }
+
+func newError(c code, msg string) *ociError { return &ociError{code: c, message: msg} }
+
+func wrapError(c code, msg string, cause error) *ociError {
+	return &ociError{code: c, message: msg, cause: cause}
+}
+
+// Errors of the request itself, found before any work.
+var (
+	errRouteUnknown      = newError(codeRouteUnknown, "unknown route")
+	errNameInvalid       = newError(codeNameInvalid, "invalid repository name")
+	errTagInvalid        = newError(codeTagInvalid, "invalid tag")
+	errDigestInvalid     = newError(codeDigestInvalid, "invalid digest")
+	errDigestUnsupported = newError(codeDigestInvalid, "unsupported digest algorithm (sha256 and sha512 are supported)")
+	errUploadUnknown     = newError(codeBlobUploadUnknown, "blob upload unknown")
+	errMethod            = newError(codeUnsupported, "method not allowed on this route")
+)
+
+// toOCI maps any error a handler returned to what the client sees. kind
+// tells "not found" of a blob from "not found" of a manifest.
+func toOCI(err error, kind routeKind) *ociError {
+	var oe *ociError
+	if errors.As(err, &oe) {
+		return oe
+	}
+	var he *echo.HTTPError
+	if errors.As(err, &he) {
+		switch he.Code {
+		case http.StatusNotFound:
+			return errRouteUnknown
+		case http.StatusMethodNotAllowed:
+			return errMethod
+		case http.StatusRequestEntityTooLarge:
+			return wrapError(codeTooLarge, "request body too large", err)
+		}
+		if he.Code < 500 {
+			return wrapError(code{"UNSUPPORTED", he.Code}, fmt.Sprint(he.Message), err)
+		}
+	}
+	var rl *upstream.RateLimitError
+	switch {
+	case errors.Is(err, upstream.ErrNotFound), errors.Is(err, cache.ErrNotFound):
+		switch kind {
+		case routeBlob:
+			return wrapError(codeBlobUnknown, "blob unknown to registry", err)
+		case routeManifest, routeReferrers:
+			return wrapError(codeManifestUnknown, "manifest unknown", err)
+		}
+		return wrapError(codeNameUnknown, "repository name not known to registry", err)
+	case errors.Is(err, upstream.ErrUnauthorized):
+		return wrapError(codeDenied, "the upstream registry refused access (the repository may not exist, or it needs credentials)", err)
+	case errors.As(err, &rl):
+		e := wrapError(codeTooManyRequests, "the upstream registry is rate limiting this mirror", err)
+		if rl.RetryAfter > 0 {
+			e.header = http.Header{"Retry-After": {strconv.Itoa(int(rl.RetryAfter.Seconds()))}}
+		}
+		return e
+	case errors.Is(err, upstream.ErrRateLimited):
+		return wrapError(codeTooManyRequests, "the upstream registry is rate limiting this mirror", err)
+	case errors.Is(err, upstream.ErrTooLarge):
+		return wrapError(codeBadGateway, "the upstream sent a manifest over the 4 MiB limit", err)
+	case errors.Is(err, upstream.ErrBadResponse):
+		return wrapError(codeBadGateway, "the upstream registry sent a bad response", err)
+	case errors.Is(err, upstream.ErrUnavailable), errors.Is(err, context.DeadlineExceeded):
+		return wrapError(codeUnavailable, "the upstream registry is unavailable", err)
+	case errors.Is(err, cache.ErrClosed):
+		return wrapError(codeUnavailable, "shutting down", err)
+	}
+	return wrapError(codeInternal, "internal error", err)
+}
+
+type errorBody struct {
+	Errors []errorEntry `json:"errors"`
+}
+
+type errorEntry struct {
+	Code    string `json:"code"`
+	Message string `json:"message"`
+	Detail  any    `json:"detail,omitempty"`
+}
+
+// handleError is echo's HTTPErrorHandler: the one place that turns an error
+// into a response and logs it.
+func (s *Server) handleError(err error, c echo.Context) {
+	kind := routeBase
+	if r, ok := c.Get(ctxRoute).(route); ok {
+		kind = r.kind
+	}
+	oe := toOCI(err, kind)
+	c.Set(ctxError, err)
+	if c.Response().Committed {
+		return
+	}
+	if errors.Is(err, context.Canceled) && c.Request().Context().Err() != nil {
+		// The client left; nobody reads this answer.
+		c.Response().WriteHeader(499)
+		return
+	}
+	h := c.Response().Header()
+	for k, v := range oe.header {
+		h[k] = v
+	}
+	if c.Request().Method == http.MethodHead {
+		c.Response().WriteHeader(oe.code.status)
+		return
+	}
+	body, _ := json.Marshal(errorBody{Errors: []errorEntry{{Code: oe.code.name, Message: oe.message}}})
+	h.Set(echo.HeaderContentType, echo.MIMEApplicationJSON)
+	h.Set(echo.HeaderContentLength, strconv.Itoa(len(body)))
+	c.Response().WriteHeader(oe.code.status)
+	c.Response().Write(body)
+}

@@ -1,0 +1,183 @@
+package mirror
+
+import (
+	"io"
+	"net/http"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/labstack/echo/v4"
+	"github.com/opencontainers/go-digest"
+
+	"slipway/cache"
+)
+
+// accepts is the client's Accept header as a list of media ranges.
+func accepts(r *http.Request) []string {
+	var out []string
+	for _, h := range r.Header.Values("Accept") {
+		for _, a := range strings.Split(h, ",") {
+			if a = strings.TrimSpace(a); a != "" {
+				out = append(out, a)
+			}
+		}
+	}
+	return out
+}
+
+// getManifest serves a manifest by tag or digest.
+// https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests
+func (s *Server) getManifest(c echo.Context, r route) error {
+	t, err := s.resolve(c, r.name)
+	if err != nil {
+		return err
+	}
+	m, src, err := t.up.Proxy.Manifest(c.Request().Context(), t.repo, r.ref, accepts(c.Request()))
+	if err != nil {
+		return err
+	}
+	c.Set(ctxSource, src)
+	return writeManifest(c, m)
+}
+
+func writeManifest(c echo.Context, m cache.Manifest) error {
+	h := c.Response().Header()
+	setDescriptorHeaders(h, m.Digest, int64(len(m.Bytes)), m.MediaType)
+	if match := c.Request().Header.Get("If-None-Match"); match != "" && match == etag(m.Digest) {
+		return c.NoContent(http.StatusNotModified)
+	}
+	if c.Request().Method == http.MethodHead {
+		return c.NoContent(http.StatusOK)
+	}
+	return c.Blob(http.StatusOK, m.MediaType, m.Bytes)
+}
+
+func setDescriptorHeaders(h http.Header, d digest.Digest, size int64, mediaType string) {
+	if mediaType != "" {
+		h.Set(echo.HeaderContentType, mediaType)
+	}
+	if size >= 0 {
+		h.Set(echo.HeaderContentLength, strconv.FormatInt(size, 10))
+	}
+	if d != "" {
+		h.Set("Docker-Content-Digest", string(d))
+		h.Set("ETag", etag(d))
+	}
+}
+
+func etag(d digest.Digest) string { return `"` + string(d) + `"` }
+
+// headManifest answers whether a manifest exists, with its digest, size and
+// media type. It stores nothing it did not have.
+func (s *Server) headManifest(c echo.Context, r route) error {
+	t, err := s.resolve(c, r.name)
+	if err != nil {
+		return err
+	}
+	desc, src, err := t.up.Proxy.HeadManifest(c.Request().Context(), t.repo, r.ref, accepts(c.Request()))
+	if err != nil {
+		return err
+	}
+	c.Set(ctxSource, src)
+	setDescriptorHeaders(c.Response().Header(), desc.Digest, desc.Size, desc.MediaType)
+	return c.NoContent(http.StatusOK)
+}
+
+// getBlob serves a blob: a stored one through http.ServeContent (Range,
+// conditional requests, sendfile), an uncached one streamed from the fill
+// while it downloads.
+// https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-blobs
+func (s *Server) getBlob(c echo.Context, r route) error {
+	t, err := s.resolve(c, r.name)
+	if err != nil {
+		return err
+	}
+	b, err := t.up.Proxy.Blob(c.Request().Context(), t.repo, r.digest)
+	if err != nil {
+		return err
+	}
+	defer b.Close()
+	c.Set(ctxSource, b.Source)
+	if b.File != nil {
+		serveBlobFile(c, r.digest, b.File)
+		return nil
+	}
+	return streamBlob(c, r.digest, b.Reader, b.Size)
+}
+
+func serveBlobFile(c echo.Context, d digest.Digest, f io.ReadSeeker) {
+	h := c.Response().Header()
+	h.Set(echo.HeaderContentType, "application/octet-stream")
+	h.Set("Docker-Content-Digest", string(d))
+	h.Set("ETag", etag(d))
+	h.Set("Cache-Control", "max-age=31536000, immutable")
+	http.ServeContent(sendfileWriter{c.Response()}, c.Request(), "", time.Time{}, f)
+}
+
+// streamBlob copies a fill in progress to the client. If the fill fails
+// (upstream error, digest mismatch) the connection is cut, so the client
+// never sees a complete response with wrong bytes.
+func streamBlob(c echo.Context, d digest.Digest, r io.Reader, size int64) error {
+	h := c.Response().Header()
+	setDescriptorHeaders(h, d, size, "application/octet-stream")
+	c.Response().WriteHeader(http.StatusOK)
+	bufp := streamBufs.Get().(*[]byte)
+	defer streamBufs.Put(bufp)
+	_, err := io.CopyBuffer(flushWriter{c.Response()}, r, *bufp)
+	if err != nil {
+		c.Set(ctxError, err)
+		panic(http.ErrAbortHandler)
+	}
+	return nil
+}
+
+var streamBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+
+// flushWriter flushes after each write, so a client following a slow fill
+// gets bytes as they arrive rather than when a buffer fills.
+type flushWriter struct{ r *echo.Response }
+
+func (w flushWriter) Write(p []byte) (int, error) {
+	n, err := w.r.Write(p)
+	if err == nil {
+		w.r.Flush()
+	}
+	return n, err
+}
+
+// headBlob answers whether a blob exists and its size. An uncached blob is
+// asked of the upstream with a HEAD; nothing is stored.
+func (s *Server) headBlob(c echo.Context, r route) error {
+	t, err := s.resolve(c, r.name)
+	if err != nil {
+		return err
+	}
+	desc, src, err := t.up.Proxy.HeadBlob(c.Request().Context(), t.repo, r.digest)
+	if err != nil {
+		return err
+	}
+	c.Set(ctxSource, src)
+	setDescriptorHeaders(c.Response().Header(), r.digest, desc.Size, "application/octet-stream")
+	return c.NoContent(http.StatusOK)
+}
+
+// sendfileWriter is echo's Response with ReadFrom forwarded to the
+// underlying http.ResponseWriter: echo.Response has no ReadFrom (echo#2725),
+// and without it io.Copy from an *os.File loses sendfile(2).
+type sendfileWriter struct{ *echo.Response }
+
+func (w sendfileWriter) ReadFrom(r io.Reader) (int64, error) {
+	if !w.Committed {
+		w.WriteHeader(http.StatusOK)
+	}
+	rf, ok := w.Writer.(io.ReaderFrom)
+	if !ok {
+		return io.Copy(struct{ io.Writer }{w.Response}, r)
+	}
+	n, err := rf.ReadFrom(r)
+	w.Size += n
+	return n, err
+}
+

@@ -1,0 +1,130 @@
+package mirror
+
+import (
+	"regexp"
+	"strings"
+
+	"github.com/opencontainers/go-digest"
+)
+
+type routeKind int
+
+const (
+	routeBase      routeKind = iota // /v2/
+	routeCatalog                    // /v2/_catalog
+	routeManifest                   // /v2/<name>/manifests/<reference>
+	routeBlob                       // /v2/<name>/blobs/<digest>
+	routeUploads                    // /v2/<name>/blobs/uploads/
+	routeUpload                     // /v2/<name>/blobs/uploads/<id>
+	routeTags                       // /v2/<name>/tags/list
+	routeReferrers                  // /v2/<name>/referrers/<digest>
+)
+
+func (k routeKind) String() string {
+	return [...]string{"base", "catalog", "manifest", "blob", "uploads", "upload", "tags", "referrers"}[k]
+}
+
+// route is a parsed /v2/ path.
+type route struct {
+	kind   routeKind
+	name   string        // repository name as the client sent it
+	ref    string        // manifest reference: a tag or a digest
+	digest digest.Digest // blob or referrers digest; manifest digest when ref is one
+	upload string        // upload session id
+}
+
+// The distribution spec's grammar.
+var (
+	nameRe = regexp.MustCompile(`^[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*)*$`)
+	tagRe  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+	idRe   = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
+)
+
+const maxNameLen = 255
+
+// parseRoute reads a decoded URL path from its tail, so repository names
+// with any number of slashes just work: .../manifests/<ref>,
+// .../blobs/uploads/<id>, .../blobs/<digest>, .../tags/list,
+// .../referrers/<digest>.
+func parseRoute(path string) (route, error) {
+	if path == "/v2" || path == "/v2/" {
+		return route{kind: routeBase}, nil
+	}
+	rest, ok := strings.CutPrefix(path, "/v2/")
+	if !ok {
+		return route{}, errRouteUnknown
+	}
+	if rest == "_catalog" {
+		return route{kind: routeCatalog}, nil
+	}
+	seg := strings.Split(rest, "/")
+	n := len(seg)
+	var r route
+	var nameParts []string
+	switch {
+	case n >= 4 && seg[n-3] == "blobs" && seg[n-2] == "uploads":
+		r.kind, nameParts = routeUploads, seg[:n-3]
+		if seg[n-1] != "" {
+			if !idRe.MatchString(seg[n-1]) {
+				return route{}, errUploadUnknown
+			}
+			r.kind, r.upload = routeUpload, seg[n-1]
+		}
+	case n >= 3 && seg[n-2] == "blobs" && seg[n-1] == "uploads":
+		r.kind, nameParts = routeUploads, seg[:n-2]
+	case n >= 3 && seg[n-2] == "blobs":
+		r.kind, nameParts = routeBlob, seg[:n-2]
+		d, err := parseDigest(seg[n-1])
+		if err != nil {
+			return route{}, err
+		}
+		r.digest = d
+	case n >= 3 && seg[n-2] == "manifests":
+		r.kind, nameParts, r.ref = routeManifest, seg[:n-2], seg[n-1]
+		if strings.Contains(r.ref, ":") {
+			d, err := parseDigest(r.ref)
+			if err != nil {
+				return route{}, err
+			}
+			r.digest = d
+		} else if !tagRe.MatchString(r.ref) {
+			return route{}, errTagInvalid
+		}
+	case n >= 3 && seg[n-2] == "tags" && seg[n-1] == "list":
+		r.kind, nameParts = routeTags, seg[:n-2]
+	case n >= 3 && seg[n-2] == "referrers":
+		r.kind, nameParts = routeReferrers, seg[:n-2]
+		d, err := parseDigest(seg[n-1])
+		if err != nil {
+			return route{}, err
+		}
+		r.digest = d
+	default:
+		return route{}, errRouteUnknown
+	}
+	r.name = strings.Join(nameParts, "/")
+	if err := validateName(r.name); err != nil {
+		return route{}, err
+	}
+	return r, nil
+}
+
+func validateName(name string) error {
+	if len(name) > maxNameLen || !nameRe.MatchString(name) {
+		return errNameInvalid
+	}
+	return nil
+}
+
+// parseDigest accepts a well-formed digest of an algorithm slipway can
+// verify (sha256, sha512).
+func parseDigest(s string) (digest.Digest, error) {
+	d, err := digest.Parse(s)
+	if err != nil {
+		return "", errDigestInvalid
+	}
+	if !d.Algorithm().Available() {
+		return "", errDigestUnsupported
+	}
+	return d, nil
+}

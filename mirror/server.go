@@ -1,0 +1,254 @@
+// Package mirror is slipway's HTTP front: the /v2/ API, path parsing, OCI
+// error bodies, and the choice of "local repository or which upstream". It
+// is the only package that imports echo; handlers stay thin and call into
+// upstream (pull-through) and cache.
+package mirror
+
+import (
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/labstack/echo/v4"
+
+	"slipway/cache"
+	"slipway/upstream"
+)
+
+// Upstream is one proxied registry and the names clients may use for it.
+type Upstream struct {
+	Proxy *upstream.Proxy
+	// Names are the hosts and aliases that select this upstream in ?ns= or
+	// as the first path segment ("docker.io", "hub", "ghcr.io").
+	Names []string
+	// DockerHub makes one-word repository names official images
+	// ("alpine" -> "library/alpine").
+	DockerHub bool
+}
+
+// Config wires a Server.
+type Config struct {
+	Store     *cache.Store
+	Upstreams []Upstream
+	// Default is the index in Upstreams of the upstream for names without
+	// a prefix or ?ns=.
+	Default int
+	Logger  *slog.Logger
+}
+
+// Server is the registry front.
+type Server struct {
+	e         *echo.Echo
+	store     *cache.Store
+	upstreams []Upstream
+	byName    map[string]*Upstream
+	def       *Upstream
+	log       *slog.Logger
+}
+
+// Keys of values handlers leave in echo.Context for the log line and the
+// error handler.
+const (
+	ctxRoute     = "slipway.route"
+	ctxError     = "slipway.error"
+	ctxSource    = "slipway.source"
+	ctxRequestID = "slipway.request_id"
+)
+
+// New builds the server.
+func New(cfg Config) (*Server, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Store == nil {
+		return nil, errors.New("mirror: no store")
+	}
+	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, log: cfg.Logger}
+	for i := range s.upstreams {
+		u := &s.upstreams[i]
+		names := append([]string{u.Proxy.Upstream().Host()}, u.Names...)
+		if u.DockerHub {
+			names = append(names, dockerHubNames...)
+		}
+		for _, n := range names {
+			n = strings.ToLower(n)
+			if other, dup := s.byName[n]; dup && other != u {
+				return nil, fmt.Errorf("mirror: upstream name %q is used twice", n)
+			}
+			s.byName[n] = u
+		}
+	}
+	if len(s.upstreams) > 0 {
+		if cfg.Default < 0 || cfg.Default >= len(s.upstreams) {
+			return nil, fmt.Errorf("mirror: default upstream %d out of range", cfg.Default)
+		}
+		s.def = &s.upstreams[cfg.Default]
+	}
+
+	e := echo.New()
+	e.HideBanner, e.HidePort = true, true
+	e.HTTPErrorHandler = s.handleError
+	e.Use(s.recoverPanics, s.logRequests, apiVersion)
+	e.GET("/v2", s.getBase)
+	e.HEAD("/v2", s.getBase)
+	e.GET("/v2/", s.getBase)
+	e.HEAD("/v2/", s.getBase)
+	e.Any("/v2/*", s.dispatch)
+	s.e = e
+	return s, nil
+}
+
+// dockerHubNames all name Docker Hub.
+var dockerHubNames = []string{"docker.io", "index.docker.io", "registry-1.docker.io"}
+
+// Handler is the server's http.Handler.
+func (s *Server) Handler() http.Handler { return s.e }
+
+// getBase answers the API version check.
+// https://github.com/opencontainers/distribution-spec/blob/main/spec.md#determining-support
+func (s *Server) getBase(c echo.Context) error {
+	c.Response().Header().Set(echo.HeaderContentType, echo.MIMEApplicationJSON)
+	return c.String(http.StatusOK, "{}")
+}
+
+// dispatch parses the path from its tail and calls the handler for the
+// route and method.
+func (s *Server) dispatch(c echo.Context) error {
+	r, err := parseRoute(c.Request().URL.Path)
+	if err != nil {
+		return err
+	}
+	c.Set(ctxRoute, r)
+	m := c.Request().Method
+	switch r.kind {
+	case routeBase:
+		return s.getBase(c)
+	case routeManifest:
+		switch m {
+		case http.MethodGet:
+			return s.getManifest(c, r)
+		case http.MethodHead:
+			return s.headManifest(c, r)
+		}
+	case routeBlob:
+		switch m {
+		case http.MethodGet:
+			return s.getBlob(c, r)
+		case http.MethodHead:
+			return s.headBlob(c, r)
+		}
+	}
+	return errMethod
+}
+
+// target is what a repository name resolves to.
+type target struct {
+	up   *Upstream
+	repo string // repository name on the upstream
+}
+
+// resolve maps a client's name (and ?ns=) to an upstream repository:
+// ?ns=<host> names the upstream; else a first path segment that names a
+// configured upstream selects it; else the default upstream. Hosts that are
+// not configured are never contacted.
+func (s *Server) resolve(c echo.Context, name string) (target, error) {
+	if ns := c.QueryParam("ns"); ns != "" {
+		u, ok := s.byName[strings.ToLower(ns)]
+		if !ok {
+			// 404 lets containerd fall back to its next host.
+			return target{}, newError(codeNameUnknown, fmt.Sprintf("upstream %q is not configured on this mirror", ns))
+		}
+		return s.targetOf(u, name)
+	}
+	if first, rest, ok := strings.Cut(name, "/"); ok {
+		if u, ok := s.byName[first]; ok {
+			return s.targetOf(u, rest)
+		}
+	}
+	if s.def == nil {
+		return target{}, newError(codeNameUnknown, "no upstream is configured for this name")
+	}
+	return s.targetOf(s.def, name)
+}
+
+func (s *Server) targetOf(u *Upstream, repo string) (target, error) {
+	if u.DockerHub && !strings.Contains(repo, "/") {
+		repo = "library/" + repo
+	}
+	if err := validateName(repo); err != nil {
+		return target{}, err
+	}
+	return target{up: u, repo: repo}, nil
+}
+
+func apiVersion(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		c.Response().Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+		return next(c)
+	}
+}
+
+// recoverPanics turns a handler panic into a 500 OCI error instead of a
+// dropped connection. http.ErrAbortHandler passes through: it is how a
+// handler cuts a connection on purpose.
+func (s *Server) recoverPanics(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) (err error) {
+		defer func() {
+			if p := recover(); p != nil {
+				if p == http.ErrAbortHandler {
+					panic(p)
+				}
+				err = fmt.Errorf("panic: %v", p)
+			}
+		}()
+		return next(c)
+	}
+}
+
+// logRequests writes one line per request.
+func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		start := time.Now()
+		id := c.Request().Header.Get(echo.HeaderXRequestID)
+		if id == "" || len(id) > 64 {
+			var b [8]byte
+			rand.Read(b[:])
+			id = hex.EncodeToString(b[:])
+		}
+		c.Set(ctxRequestID, id)
+		c.Response().Header().Set(echo.HeaderXRequestID, id)
+		aborted := true
+		defer func() {
+			if !aborted {
+				return
+			}
+			// A handler cut the connection (http.ErrAbortHandler).
+			s.log.Warn("request aborted", "request_id", id, "method", c.Request().Method,
+				"path", c.Request().URL.Path, "bytes", c.Response().Size, "dur", time.Since(start))
+		}()
+		err := next(c)
+		if err != nil {
+			c.Error(err)
+		}
+		aborted = false
+		attrs := []any{"request_id", id, "method", c.Request().Method, "path", c.Request().URL.Path,
+			"status", c.Response().Status, "bytes", c.Response().Size, "dur", time.Since(start)}
+		if src, ok := c.Get(ctxSource).(upstream.Source); ok {
+			attrs = append(attrs, "cache", string(src))
+		}
+		level := slog.LevelInfo
+		if e, ok := c.Get(ctxError).(error); ok {
+			attrs = append(attrs, "err", e.Error())
+			if c.Response().Status >= 500 {
+				level = slog.LevelError
+			}
+		}
+		s.log.Log(c.Request().Context(), level, "request", attrs...)
+		return nil
+	}
+}

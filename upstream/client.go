@@ -1,0 +1,369 @@
+// Package upstream talks to upstream registries through go-containerregistry's
+// transport (token auth), and fills the cache from them: one upstream fetch
+// per digest, streamed to every waiting client while it fills.
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/opencontainers/go-digest"
+)
+
+// Sentinel errors. Every error a Client returns wraps one of them.
+var (
+	ErrNotFound     = errors.New("upstream: not found")
+	ErrUnauthorized = errors.New("upstream: unauthorized")
+	ErrRateLimited  = errors.New("upstream: rate limited")
+	ErrUnavailable  = errors.New("upstream: unavailable")
+	ErrTooLarge     = errors.New("upstream: response too large")
+	ErrBadResponse  = errors.New("upstream: bad response")
+)
+
+// MaxManifestSize caps what an upstream may send as a manifest.
+const MaxManifestSize = 4 << 20
+
+// ManifestTypes are the manifest media types slipway asks for when the
+// client did not say.
+var ManifestTypes = []string{
+	"application/vnd.oci.image.index.v1+json",
+	"application/vnd.docker.distribution.manifest.list.v2+json",
+	"application/vnd.oci.image.manifest.v1+json",
+	"application/vnd.docker.distribution.manifest.v2+json",
+}
+
+// Config describes one upstream registry.
+type Config struct {
+	// URL is the registry's base URL: https://registry-1.docker.io, or
+	// http://127.0.0.1:5001 for a registry without TLS.
+	URL string
+	// Auth is used for token exchange and basic auth; nil is anonymous.
+	Auth authn.Authenticator
+	// Transport is the base round tripper; nil is a clone of
+	// http.DefaultTransport.
+	Transport http.RoundTripper
+}
+
+// Client talks to one upstream registry. It keeps one authenticated
+// transport per repository, so a token is fetched once per repository scope
+// and refreshed only when it expires (the transport retries a 401 with a new
+// token).
+type Client struct {
+	reg    name.Registry
+	base   *url.URL
+	auth   authn.Authenticator
+	rt     http.RoundTripper
+	client *http.Client // for requests that need no auth setup
+
+	mu         sync.Mutex
+	transports map[string]*repoTransport
+}
+
+type repoTransport struct {
+	rt   http.RoundTripper
+	used time.Time
+}
+
+const maxTransports = 1024
+
+// New returns a client for the upstream c describes.
+func New(c Config) (*Client, error) {
+	u, err := url.Parse(c.URL)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return nil, fmt.Errorf("upstream: invalid URL %q: want http(s)://host[:port]", c.URL)
+	}
+	var opts []name.Option
+	if u.Scheme == "http" {
+		opts = append(opts, name.Insecure)
+	}
+	reg, err := name.NewRegistry(u.Host, opts...)
+	if err != nil {
+		return nil, fmt.Errorf("upstream: %w", err)
+	}
+	if c.Auth == nil {
+		c.Auth = authn.Anonymous
+	}
+	if c.Transport == nil {
+		t := http.DefaultTransport.(*http.Transport).Clone()
+		t.MaxIdleConnsPerHost = 64
+		t.ResponseHeaderTimeout = 60 * time.Second
+		c.Transport = t
+	}
+	return &Client{
+		reg:        reg,
+		base:       &url.URL{Scheme: u.Scheme, Host: u.Host},
+		auth:       c.Auth,
+		rt:         c.Transport,
+		transports: make(map[string]*repoTransport),
+	}, nil
+}
+
+// Host is the upstream's host[:port]; it names the upstream in the index.
+func (c *Client) Host() string { return c.base.Host }
+
+// URL is the upstream's base URL.
+func (c *Client) URL() string { return c.base.String() }
+
+func (c *Client) transport(ctx context.Context, repo string) (http.RoundTripper, error) {
+	c.mu.Lock()
+	if t, ok := c.transports[repo]; ok {
+		t.used = time.Now()
+		c.mu.Unlock()
+		return t.rt, nil
+	}
+	c.mu.Unlock()
+
+	scope := c.reg.Repo(repo).Scope(transport.PullScope)
+	rt, err := transport.NewWithContext(ctx, c.reg, c.auth, c.rt, []string{scope})
+	if err != nil {
+		return nil, classify(err)
+	}
+
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.transports) >= maxTransports {
+		c.evictOldestLocked()
+	}
+	c.transports[repo] = &repoTransport{rt: rt, used: time.Now()}
+	return rt, nil
+}
+
+func (c *Client) evictOldestLocked() {
+	var oldest string
+	var at time.Time
+	for k, t := range c.transports {
+		if oldest == "" || t.used.Before(at) {
+			oldest, at = k, t.used
+		}
+	}
+	delete(c.transports, oldest)
+}
+
+// forget drops a repository's transport, so the next request sets up auth
+// again (after the upstream refused the credentials it holds).
+func (c *Client) forget(repo string) {
+	c.mu.Lock()
+	delete(c.transports, repo)
+	c.mu.Unlock()
+}
+
+// do sends one request for repo's kind/ref ("manifests/latest",
+// "blobs/sha256:...") and classifies a failed answer into a sentinel. On
+// success the caller owns the response body.
+func (c *Client) do(ctx context.Context, method, repo, path string, accept []string) (*http.Response, error) {
+	rt, err := c.transport(ctx, repo)
+	if err != nil {
+		return nil, err
+	}
+	u := *c.base
+	u.Path = "/v2/" + repo + "/" + path
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), nil)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrBadResponse, err)
+	}
+	if len(accept) > 0 {
+		req.Header.Set("Accept", strings.Join(accept, ", "))
+	}
+	resp, err := (&http.Client{Transport: rt}).Do(req)
+	if err != nil {
+		return nil, classify(err)
+	}
+	if resp.StatusCode == http.StatusOK {
+		return resp, nil
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	err = statusError(resp)
+	if errors.Is(err, ErrUnauthorized) {
+		c.forget(repo)
+	}
+	return nil, err
+}
+
+// Descriptor is what a HEAD tells about a manifest or blob.
+type Descriptor struct {
+	Digest    digest.Digest // empty if the upstream did not say
+	Size      int64         // -1 if the upstream did not say
+	MediaType string
+}
+
+func descriptorOf(resp *http.Response) Descriptor {
+	d := Descriptor{Size: resp.ContentLength, MediaType: resp.Header.Get("Content-Type")}
+	if dg, err := digest.Parse(resp.Header.Get("Docker-Content-Digest")); err == nil {
+		d.Digest = dg
+	}
+	return d
+}
+
+// HeadManifest asks the upstream what repo:ref is, without downloading it.
+// Docker Hub does not count a HEAD against its pull limit.
+func (c *Client) HeadManifest(ctx context.Context, repo, ref string, accept []string) (Descriptor, error) {
+	resp, err := c.do(ctx, http.MethodHead, repo, "manifests/"+ref, acceptOrAll(accept))
+	if err != nil {
+		return Descriptor{}, err
+	}
+	resp.Body.Close()
+	return descriptorOf(resp), nil
+}
+
+// GetManifest downloads repo:ref, at most MaxManifestSize bytes. The returned
+// digest is computed from the bytes; if the upstream named a digest, it must
+// match.
+func (c *Client) GetManifest(ctx context.Context, repo, ref string, accept []string) (Descriptor, []byte, error) {
+	resp, err := c.do(ctx, http.MethodGet, repo, "manifests/"+ref, acceptOrAll(accept))
+	if err != nil {
+		return Descriptor{}, nil, err
+	}
+	defer resp.Body.Close()
+	desc := descriptorOf(resp)
+	if desc.Size > MaxManifestSize {
+		return Descriptor{}, nil, fmt.Errorf("%w: manifest of %d bytes (limit %d)", ErrTooLarge, desc.Size, MaxManifestSize)
+	}
+	b, err := io.ReadAll(io.LimitReader(resp.Body, MaxManifestSize+1))
+	if err != nil {
+		return Descriptor{}, nil, classify(err)
+	}
+	if len(b) > MaxManifestSize {
+		return Descriptor{}, nil, fmt.Errorf("%w: manifest over %d bytes", ErrTooLarge, MaxManifestSize)
+	}
+	alg := digest.Canonical
+	if want, err := digest.Parse(ref); err == nil {
+		alg = want.Algorithm()
+	} else if desc.Digest != "" {
+		alg = desc.Digest.Algorithm()
+	}
+	if !alg.Available() {
+		return Descriptor{}, nil, fmt.Errorf("%w: digest algorithm %q", ErrBadResponse, alg)
+	}
+	got := alg.FromBytes(b)
+	if desc.Digest != "" && desc.Digest != got {
+		return Descriptor{}, nil, fmt.Errorf("%w: manifest digest %s, upstream said %s", ErrBadResponse, got, desc.Digest)
+	}
+	if want, err := digest.Parse(ref); err == nil && want != got {
+		return Descriptor{}, nil, fmt.Errorf("%w: manifest digest %s, asked for %s", ErrBadResponse, got, want)
+	}
+	desc.Digest, desc.Size = got, int64(len(b))
+	if desc.MediaType == "" {
+		desc.MediaType = sniffMediaType(b)
+	}
+	return desc, b, nil
+}
+
+// HeadBlob asks whether repo has blob d, and its size.
+func (c *Client) HeadBlob(ctx context.Context, repo string, d digest.Digest) (Descriptor, error) {
+	resp, err := c.do(ctx, http.MethodHead, repo, "blobs/"+string(d), nil)
+	if err != nil {
+		return Descriptor{}, err
+	}
+	resp.Body.Close()
+	desc := descriptorOf(resp)
+	desc.Digest = d
+	return desc, nil
+}
+
+// GetBlob starts downloading blob d of repo. The caller closes the body and
+// verifies the bytes. size is -1 if the upstream sent no Content-Length.
+func (c *Client) GetBlob(ctx context.Context, repo string, d digest.Digest) (body io.ReadCloser, size int64, err error) {
+	resp, err := c.do(ctx, http.MethodGet, repo, "blobs/"+string(d), nil)
+	if err != nil {
+		return nil, 0, err
+	}
+	return resp.Body, resp.ContentLength, nil
+}
+
+func acceptOrAll(accept []string) []string {
+	if len(accept) == 0 {
+		return ManifestTypes
+	}
+	return accept
+}
+
+// sniffMediaType reads mediaType from a manifest that came without a
+// Content-Type.
+func sniffMediaType(b []byte) string {
+	var m struct {
+		MediaType string `json:"mediaType"`
+	}
+	if jsonUnmarshal(b, &m) == nil && m.MediaType != "" {
+		return m.MediaType
+	}
+	return "application/vnd.oci.image.manifest.v1+json"
+}
+
+// RateLimitError says how long the upstream asked us to wait.
+type RateLimitError struct {
+	RetryAfter time.Duration
+}
+
+func (e *RateLimitError) Error() string {
+	if e.RetryAfter > 0 {
+		return fmt.Sprintf("upstream: rate limited, retry after %s", e.RetryAfter)
+	}
+	return "upstream: rate limited"
+}
+func (e *RateLimitError) Unwrap() error { return ErrRateLimited }
+
+func statusError(resp *http.Response) error {
+	switch code := resp.StatusCode; {
+	case code == http.StatusNotFound:
+		return fmt.Errorf("%w: %s", ErrNotFound, resp.Request.URL.Path)
+	case code == http.StatusUnauthorized || code == http.StatusForbidden:
+		return fmt.Errorf("%w: status %d", ErrUnauthorized, code)
+	case code == http.StatusTooManyRequests:
+		e := &RateLimitError{}
+		if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s >= 0 {
+			e.RetryAfter = time.Duration(s) * time.Second
+		}
+		return e
+	case code >= 500:
+		return fmt.Errorf("%w: status %d", ErrUnavailable, code)
+	default:
+		return fmt.Errorf("%w: status %d", ErrBadResponse, code)
+	}
+}
+
+// classify turns a transport or network error into a sentinel.
+func classify(err error) error {
+	if err == nil {
+		return nil
+	}
+	var te *transport.Error
+	if errors.As(err, &te) {
+		switch {
+		case te.StatusCode == http.StatusNotFound:
+			return fmt.Errorf("%w: %v", ErrNotFound, err)
+		case te.StatusCode == http.StatusUnauthorized || te.StatusCode == http.StatusForbidden:
+			return fmt.Errorf("%w: %v", ErrUnauthorized, err)
+		case te.StatusCode == http.StatusTooManyRequests:
+			return fmt.Errorf("%w: %v", ErrRateLimited, err)
+		case te.StatusCode >= 400 && te.StatusCode < 500:
+			return fmt.Errorf("%w: %v", ErrBadResponse, err)
+		}
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	var ne net.Error
+	if errors.As(err, &ne) || errors.Is(err, context.DeadlineExceeded) || errors.Is(err, io.ErrUnexpectedEOF) {
+		return fmt.Errorf("%w: %v", ErrUnavailable, err)
+	}
+	if errors.Is(err, context.Canceled) {
+		return err
+	}
+	for _, s := range []error{ErrNotFound, ErrUnauthorized, ErrRateLimited, ErrUnavailable, ErrTooLarge, ErrBadResponse} {
+		if errors.Is(err, s) {
+			return err
+		}
+	}
+	return fmt.Errorf("%w: %v", ErrUnavailable, err)
+}

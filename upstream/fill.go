@@ -1,0 +1,251 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+
+	"slipway/cache"
+)
+
+// FillerOptions tune a Filler. The zero value is usable.
+type FillerOptions struct {
+	Logger *slog.Logger
+	// Timeout bounds one fill from start to commit. Default 1 hour.
+	Timeout time.Duration
+	// IdleTimeout cancels a fill whose upstream sent nothing for this long.
+	// Default 60 seconds.
+	IdleTimeout time.Duration
+}
+
+// Filler fills the cache from upstreams: at most one fill per digest at a
+// time, however many clients ask. A fill runs on the Filler's own context
+// (service lifetime plus a timeout), never on a client's, so a client that
+// leaves does not stop it; every client reads the growing temp file while it
+// fills.
+type Filler struct {
+	store   *cache.Store
+	log     *slog.Logger
+	timeout time.Duration
+	idle    time.Duration
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu    sync.Mutex
+	fills map[digest.Digest]*fill
+}
+
+type fill struct {
+	ns, repo string
+	started  chan struct{} // closed once w and size are set, or err
+	w        *cache.BlobWriter
+	size     int64
+	err      error
+}
+
+// NewFiller returns a Filler that stores into s.
+func NewFiller(s *cache.Store, o FillerOptions) *Filler {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.Timeout <= 0 {
+		o.Timeout = time.Hour
+	}
+	if o.IdleTimeout <= 0 {
+		o.IdleTimeout = 60 * time.Second
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	return &Filler{
+		store: s, log: o.Logger, timeout: o.Timeout, idle: o.IdleTimeout,
+		ctx: ctx, cancel: cancel, fills: make(map[digest.Digest]*fill),
+	}
+}
+
+// Close cancels the fills in flight and waits for them to end. Their
+// waiters get an error; nothing partial is stored.
+func (f *Filler) Close() {
+	f.cancel()
+	f.wg.Wait()
+}
+
+// InFlight is the number of fills running now.
+func (f *Filler) InFlight() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return len(f.fills)
+}
+
+// Blob is a blob on its way to a client: a stored file (serve it with
+// http.ServeContent) or a stream from a fill in progress.
+type Blob struct {
+	File   *os.File      // set when the blob is stored
+	Reader io.ReadCloser // set when it streams from a fill
+	Size   int64         // -1 if unknown
+	Source Source
+}
+
+// Close releases the file or stream.
+func (b *Blob) Close() error {
+	if b.File != nil {
+		return b.File.Close()
+	}
+	if b.Reader != nil {
+		return b.Reader.Close()
+	}
+	return nil
+}
+
+// fetch returns blob d of repo on up: from the store if it is there by now,
+// else by joining the fill in progress or starting one. A client joining a
+// fill that another repository started must first be confirmed by its own
+// upstream (invariant 9).
+func (f *Filler) fetch(ctx context.Context, up *Client, repo string, d digest.Digest) (*Blob, error) {
+	ns := up.Host()
+	f.mu.Lock()
+	fl, joined := f.fills[d]
+	if !joined {
+		// A fill removes itself only after indexing, so checking the store
+		// under the lock cannot miss a fill that just finished.
+		if file, info, err := f.store.OpenBlob(d); err == nil {
+			f.mu.Unlock()
+			if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {
+				file.Close()
+				return nil, err
+			}
+			return &Blob{File: file, Size: info.Size, Source: SourceHit}, nil
+		}
+		if err := f.ctx.Err(); err != nil {
+			f.mu.Unlock()
+			return nil, fmt.Errorf("%w: shutting down", ErrUnavailable)
+		}
+		fl = &fill{ns: ns, repo: repo, started: make(chan struct{})}
+		f.fills[d] = fl
+		f.wg.Add(1)
+		go f.run(fl, up, repo, d)
+	}
+	f.mu.Unlock()
+
+	if joined && (fl.ns != ns || fl.repo != repo) {
+		if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {
+			return nil, err
+		}
+	}
+	select {
+	case <-fl.started:
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+	if fl.err != nil {
+		return nil, fl.err
+	}
+	r, err := fl.w.Follow(ctx)
+	if err != nil {
+		return nil, err
+	}
+	src := SourceMiss
+	if joined {
+		src = SourceJoined
+	}
+	return &Blob{Reader: r, Size: fl.size, Source: src}, nil
+}
+
+// confirmBlob checks that repo may read stored blob d: it references it, or
+// its upstream says (with a HEAD, no download) that it has it.
+func confirmBlob(ctx context.Context, s *cache.Store, up *Client, repo string, d digest.Digest) error {
+	ok, err := s.Linked(up.Host(), repo, d)
+	if err != nil || ok {
+		return err
+	}
+	if _, err := up.HeadBlob(ctx, repo, d); err != nil {
+		return err
+	}
+	return s.Link(up.Host(), repo, d)
+}
+
+// run is one fill: upstream GET, stream into a BlobWriter, verify, commit.
+func (f *Filler) run(fl *fill, up *Client, repo string, d digest.Digest) {
+	defer f.wg.Done()
+	start := time.Now()
+	ctx, cancel := context.WithTimeout(f.ctx, f.timeout)
+	defer cancel()
+
+	err := f.fill(ctx, cancel, fl, up, repo, d)
+
+	f.mu.Lock()
+	delete(f.fills, d)
+	if fl.w == nil { // never started: tell the waiters why
+		fl.err = err
+		close(fl.started)
+	}
+	f.mu.Unlock()
+
+	if err != nil {
+		f.log.Warn("fill failed", "upstream", up.Host(), "repo", repo, "digest", d, "dur", time.Since(start), "err", err)
+		return
+	}
+	f.log.Info("fill done", "upstream", up.Host(), "repo", repo, "digest", d, "bytes", fl.size, "dur", time.Since(start))
+}
+
+func (f *Filler) fill(ctx context.Context, cancel context.CancelFunc, fl *fill, up *Client, repo string, d digest.Digest) error {
+	w, err := f.store.NewBlobWriter(d.Algorithm())
+	if err != nil {
+		return err
+	}
+	defer w.Cancel()
+	body, size, err := up.GetBlob(ctx, repo, d)
+	if err != nil {
+		return err
+	}
+	defer body.Close()
+
+	f.mu.Lock()
+	fl.w, fl.size = w, size
+	close(fl.started)
+	f.mu.Unlock()
+
+	// An upstream that stops sending cancels the fill after the idle timeout.
+	idle := time.AfterFunc(f.idle, cancel)
+	defer idle.Stop()
+	bufp := copyBufs.Get().(*[]byte)
+	defer copyBufs.Put(bufp)
+	_, err = io.CopyBuffer(w, &idleReader{r: body, t: idle, d: f.idle}, *bufp)
+	if err != nil {
+		if ctx.Err() != nil {
+			err = fmt.Errorf("%w: fill of %s: %v", ErrUnavailable, d, context.Cause(ctx))
+		} else if !errors.Is(err, cache.ErrCanceled) {
+			err = classify(err)
+		}
+		w.Abort(err)
+		return err
+	}
+	if err := w.Commit(d, size, cache.OriginPulled); err != nil {
+		return err
+	}
+	return f.store.Link(up.Host(), repo, d)
+}
+
+// copyBufs are big enough that one fill wakes its followers rarely.
+var copyBufs = sync.Pool{New: func() any { b := make([]byte, 256<<10); return &b }}
+
+type idleReader struct {
+	r io.Reader
+	t *time.Timer
+	d time.Duration
+}
+
+func (r *idleReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if n > 0 {
+		r.t.Reset(r.d)
+	}
+	return n, err
+}

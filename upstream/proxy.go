@@ -1,0 +1,352 @@
+package upstream
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"mime"
+	"strings"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+	"golang.org/x/sync/singleflight"
+
+	"slipway/cache"
+)
+
+var jsonUnmarshal = json.Unmarshal
+
+// Source says how a request was answered; it goes into logs and metrics.
+type Source string
+
+const (
+	SourceHit         Source = "hit"         // from the cache, fresh
+	SourceRevalidated Source = "revalidated" // from the cache after the upstream confirmed it
+	SourceStale       Source = "stale"       // from the cache because the upstream failed
+	SourceMiss        Source = "miss"        // fetched from the upstream for this request
+	SourceJoined      Source = "joined"      // joined a fetch another request started
+	SourceUpstream    Source = "upstream"    // answered by the upstream, nothing stored (HEAD)
+)
+
+// ProxyOptions tune a Proxy. The zero value is usable.
+type ProxyOptions struct {
+	Logger *slog.Logger
+	// TagTTL is how long a tag is served without asking the upstream.
+	// Default 5 minutes.
+	TagTTL time.Duration
+	// ManifestTimeout bounds one manifest fetch. Default 60 seconds.
+	ManifestTimeout time.Duration
+	// Now is the clock; tests inject one. Default time.Now.
+	Now func() time.Time
+}
+
+// Proxy serves one upstream's repositories through the cache.
+type Proxy struct {
+	up      *Client
+	store   *cache.Store
+	fills   *Filler
+	log     *slog.Logger
+	tagTTL  time.Duration
+	timeout time.Duration
+	now     func() time.Time
+	flights singleflight.Group
+}
+
+// NewProxy serves up through store, filling blobs with fills (shared by
+// every upstream, since a digest is the same content wherever it came from).
+func NewProxy(up *Client, store *cache.Store, fills *Filler, o ProxyOptions) *Proxy {
+	if o.Logger == nil {
+		o.Logger = slog.New(slog.DiscardHandler)
+	}
+	if o.TagTTL <= 0 {
+		o.TagTTL = 5 * time.Minute
+	}
+	if o.ManifestTimeout <= 0 {
+		o.ManifestTimeout = 60 * time.Second
+	}
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	return &Proxy{up: up, store: store, fills: fills, log: o.Logger,
+		tagTTL: o.TagTTL, timeout: o.ManifestTimeout, now: o.Now}
+}
+
+// Upstream is the proxied registry's client.
+func (p *Proxy) Upstream() *Client { return p.up }
+
+func (p *Proxy) ns() string { return p.up.Host() }
+
+// Blob returns blob d of repo: from the cache, or from a fill that streams it
+// while it downloads. A stored blob is served under repo only if repo
+// references it or the upstream confirms repo has it.
+func (p *Proxy) Blob(ctx context.Context, repo string, d digest.Digest) (*Blob, error) {
+	file, info, err := p.store.OpenBlob(d)
+	if err == nil {
+		if err := confirmBlob(ctx, p.store, p.up, repo, d); err != nil {
+			file.Close()
+			return nil, err
+		}
+		return &Blob{File: file, Size: info.Size, Source: SourceHit}, nil
+	}
+	if !errors.Is(err, cache.ErrNotFound) {
+		return nil, err
+	}
+	return p.fills.fetch(ctx, p.up, repo, d)
+}
+
+// HeadBlob says whether repo has blob d and its size. An uncached blob is
+// asked of the upstream with a HEAD; nothing is stored.
+func (p *Proxy) HeadBlob(ctx context.Context, repo string, d digest.Digest) (Descriptor, Source, error) {
+	if info, err := p.store.StatBlob(d); err == nil {
+		if linked, err := p.store.Linked(p.ns(), repo, d); err == nil && linked {
+			return Descriptor{Digest: d, Size: info.Size}, SourceHit, nil
+		}
+	}
+	desc, err := p.up.HeadBlob(ctx, repo, d)
+	return desc, SourceUpstream, err
+}
+
+// Manifest returns manifest ref (a tag or a digest) of repo. A digest is
+// immutable: once stored it is never asked for again. A tag is served from
+// the cache within its freshness window, then revalidated with a HEAD; if
+// the upstream is down, times out, answers 5xx or 429, the last known
+// manifest is served (stale).
+func (p *Proxy) Manifest(ctx context.Context, repo, ref string, accept []string) (cache.Manifest, Source, error) {
+	if d, err := digest.Parse(ref); err == nil {
+		return p.manifestByDigest(ctx, repo, d, accept)
+	}
+	return p.manifestByTag(ctx, repo, ref, accept)
+}
+
+func (p *Proxy) manifestByDigest(ctx context.Context, repo string, d digest.Digest, accept []string) (cache.Manifest, Source, error) {
+	if m, err := p.store.GetManifest(d); err == nil {
+		if err := p.confirmManifest(ctx, repo, d); err != nil {
+			return cache.Manifest{}, "", err
+		}
+		return m, SourceHit, nil
+	} else if !errors.Is(err, cache.ErrNotFound) {
+		return cache.Manifest{}, "", err
+	}
+	v, shared, err := p.flight(ctx, "d\x00"+repo+"\x00"+string(d), func(ctx context.Context) (any, error) {
+		return p.fetchManifest(ctx, repo, string(d), withAll(accept))
+	})
+	if err != nil {
+		return cache.Manifest{}, "", err
+	}
+	return v.(cache.Manifest), sourceOf(shared), nil
+}
+
+func (p *Proxy) confirmManifest(ctx context.Context, repo string, d digest.Digest) error {
+	ok, err := p.store.Linked(p.ns(), repo, d)
+	if err != nil || ok {
+		return err
+	}
+	if _, err := p.up.HeadManifest(ctx, repo, string(d), nil); err != nil {
+		return err
+	}
+	return p.store.Link(p.ns(), repo, d)
+}
+
+type tagResult struct {
+	m   cache.Manifest
+	src Source
+}
+
+func (p *Proxy) manifestByTag(ctx context.Context, repo, tag string, accept []string) (cache.Manifest, Source, error) {
+	cached, t, ok := p.cachedTag(repo, tag, accept)
+	if ok && p.now().Sub(t.FetchedAt) < p.tagTTL {
+		return cached, SourceHit, nil
+	}
+	key := "t\x00" + repo + "\x00" + tag + "\x00" + strings.Join(accept, ",")
+	v, shared, err := p.flight(ctx, key, func(ctx context.Context) (any, error) {
+		return p.revalidate(ctx, repo, tag, accept, cached, ok)
+	})
+	if err != nil {
+		return cache.Manifest{}, "", err
+	}
+	r := v.(tagResult)
+	if shared && r.src == SourceMiss {
+		r.src = SourceJoined
+	}
+	return r.m, r.src, nil
+}
+
+// cachedTag returns the stored manifest tag points at, if it is acceptable
+// to this client.
+func (p *Proxy) cachedTag(repo, tag string, accept []string) (cache.Manifest, cache.Tag, bool) {
+	t, err := p.store.GetTag(p.ns(), repo, tag)
+	if err != nil {
+		return cache.Manifest{}, cache.Tag{}, false
+	}
+	m, err := p.store.GetManifest(t.Digest)
+	if err != nil || !Acceptable(m.MediaType, accept) {
+		return cache.Manifest{}, cache.Tag{}, false
+	}
+	return m, t, true
+}
+
+func (p *Proxy) revalidate(ctx context.Context, repo, tag string, accept []string, cached cache.Manifest, haveCached bool) (tagResult, error) {
+	if haveCached {
+		desc, err := p.up.HeadManifest(ctx, repo, tag, accept)
+		switch {
+		case err == nil && desc.Digest == cached.Digest:
+			if err := p.store.SetTag(p.ns(), repo, tag, cache.Tag{Digest: cached.Digest, FetchedAt: p.now()}); err != nil {
+				return tagResult{}, err
+			}
+			return tagResult{cached, SourceRevalidated}, nil
+		case err == nil:
+			// The tag moved (or the upstream did not say where): fetch it.
+		case Staleable(err):
+			p.log.Warn("serving stale tag", "upstream", p.ns(), "repo", repo, "ref", tag, "digest", cached.Digest, "err", err)
+			return tagResult{cached, SourceStale}, nil
+		default:
+			return tagResult{}, err
+		}
+	}
+	m, err := p.fetchManifest(ctx, repo, tag, accept)
+	if err != nil {
+		if haveCached && Staleable(err) {
+			p.log.Warn("serving stale tag", "upstream", p.ns(), "repo", repo, "ref", tag, "digest", cached.Digest, "err", err)
+			return tagResult{cached, SourceStale}, nil
+		}
+		return tagResult{}, err
+	}
+	// A client that accepts no index gets one platform's manifest where the
+	// tag may name an index: don't let that decide what the tag means for
+	// everyone else.
+	broad := len(accept) == 0 || Acceptable(mediaTypeOCIIndex, accept) || Acceptable(mediaTypeDockerList, accept)
+	if broad || isIndex(m.MediaType) {
+		if err := p.store.SetTag(p.ns(), repo, tag, cache.Tag{Digest: m.Digest, FetchedAt: p.now()}); err != nil {
+			return tagResult{}, err
+		}
+	}
+	return tagResult{m, SourceMiss}, nil
+}
+
+// fetchManifest downloads repo:ref, stores it and links repo to it and to
+// everything it references.
+func (p *Proxy) fetchManifest(ctx context.Context, repo, ref string, accept []string) (cache.Manifest, error) {
+	desc, b, err := p.up.GetManifest(ctx, repo, ref, accept)
+	if err != nil {
+		return cache.Manifest{}, err
+	}
+	m := cache.Manifest{Digest: desc.Digest, MediaType: desc.MediaType, Bytes: b, Origin: cache.OriginPulled}
+	if err := p.store.PutManifest(m); err != nil {
+		return cache.Manifest{}, err
+	}
+	refs, err := cache.ManifestReferences(b)
+	if err != nil {
+		return cache.Manifest{}, fmt.Errorf("%w: %v", ErrBadResponse, err)
+	}
+	if err := p.store.Link(p.ns(), repo, append(refs, m.Digest)...); err != nil {
+		return cache.Manifest{}, err
+	}
+	return m, nil
+}
+
+// HeadManifest answers a HEAD for repo:ref. Uncached manifests are asked of
+// the upstream with a HEAD and nothing is stored; a cached tag past its
+// freshness window is revalidated the same way as for a GET.
+func (p *Proxy) HeadManifest(ctx context.Context, repo, ref string, accept []string) (Descriptor, Source, error) {
+	if d, err := digest.Parse(ref); err == nil {
+		if m, err := p.store.GetManifest(d); err == nil {
+			if err := p.confirmManifest(ctx, repo, d); err != nil {
+				return Descriptor{}, "", err
+			}
+			return descOf(m), SourceHit, nil
+		}
+		desc, err := p.up.HeadManifest(ctx, repo, ref, withAll(accept))
+		return desc, SourceUpstream, err
+	}
+	cached, t, ok := p.cachedTag(repo, ref, accept)
+	if ok && p.now().Sub(t.FetchedAt) < p.tagTTL {
+		return descOf(cached), SourceHit, nil
+	}
+	desc, err := p.up.HeadManifest(ctx, repo, ref, accept)
+	switch {
+	case err == nil && ok && desc.Digest == cached.Digest:
+		if err := p.store.SetTag(p.ns(), repo, ref, cache.Tag{Digest: cached.Digest, FetchedAt: p.now()}); err != nil {
+			return Descriptor{}, "", err
+		}
+		return descOf(cached), SourceRevalidated, nil
+	case err == nil:
+		return desc, SourceUpstream, nil
+	case ok && Staleable(err):
+		p.log.Warn("serving stale tag", "upstream", p.ns(), "repo", repo, "ref", ref, "digest", cached.Digest, "err", err)
+		return descOf(cached), SourceStale, nil
+	}
+	return Descriptor{}, "", err
+}
+
+func descOf(m cache.Manifest) Descriptor {
+	return Descriptor{Digest: m.Digest, Size: int64(len(m.Bytes)), MediaType: m.MediaType}
+}
+
+// flight runs fn once per key at a time, on a context detached from the
+// callers' (a client that leaves does not cancel a fetch others wait for).
+func (p *Proxy) flight(ctx context.Context, key string, fn func(context.Context) (any, error)) (any, bool, error) {
+	ch := p.flights.DoChan(key, func() (any, error) {
+		fctx, cancel := context.WithTimeout(p.fills.ctx, p.timeout)
+		defer cancel()
+		return fn(fctx)
+	})
+	select {
+	case r := <-ch:
+		return r.Val, r.Shared, r.Err
+	case <-ctx.Done():
+		return nil, false, ctx.Err()
+	}
+}
+
+func sourceOf(shared bool) Source {
+	if shared {
+		return SourceJoined
+	}
+	return SourceMiss
+}
+
+// Staleable reports whether err is an upstream failure that a cached tag
+// may be served through: down, timing out, 5xx or 429.
+func Staleable(err error) bool {
+	return errors.Is(err, ErrUnavailable) || errors.Is(err, ErrRateLimited) ||
+		errors.Is(err, context.DeadlineExceeded) || errors.Is(err, ErrBadResponse)
+}
+
+const (
+	mediaTypeOCIIndex   = "application/vnd.oci.image.index.v1+json"
+	mediaTypeDockerList = "application/vnd.docker.distribution.manifest.list.v2+json"
+)
+
+func isIndex(mt string) bool { return mt == mediaTypeOCIIndex || mt == mediaTypeDockerList }
+
+// withAll adds every manifest type to accept: for a digest the content is
+// fixed, so no client's Accept should make the upstream refuse it.
+func withAll(accept []string) []string {
+	out := append([]string{}, accept...)
+	for _, t := range ManifestTypes {
+		if !Acceptable(t, accept) || len(accept) == 0 {
+			out = append(out, t)
+		}
+	}
+	return out
+}
+
+// Acceptable reports whether media type mt satisfies an Accept list (each
+// entry one media range; parameters ignored). No Accept accepts anything.
+func Acceptable(mt string, accept []string) bool {
+	if len(accept) == 0 {
+		return true
+	}
+	for _, a := range accept {
+		r, _, err := mime.ParseMediaType(strings.TrimSpace(a))
+		if err != nil {
+			continue
+		}
+		if r == "*/*" || r == mt || (strings.HasSuffix(r, "/*") && strings.HasPrefix(mt, strings.TrimSuffix(r, "*"))) {
+			return true
+		}
+	}
+	return false
+}
