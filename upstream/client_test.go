@@ -1,0 +1,225 @@
+package upstream
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/crane"
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/opencontainers/go-digest"
+)
+
+// tokenRegistry is an in-process registry behind Docker-style bearer-token
+// auth, with the token endpoint on the same host.
+type tokenRegistry struct {
+	*httptest.Server
+	host      string
+	tokens    atomic.Int32 // token requests
+	withCreds atomic.Int32 // token requests that carried basic credentials
+	user      string       // if set, the token endpoint requires this user
+	pass      string
+}
+
+func newTokenRegistry(t *testing.T) *tokenRegistry {
+	t.Helper()
+	tr := &tokenRegistry{}
+	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	tr.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/token" {
+			tr.tokens.Add(1)
+			u, p, ok := r.BasicAuth()
+			if ok {
+				tr.withCreds.Add(1)
+			}
+			if tr.user != "" && (u != tr.user || p != tr.pass) {
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
+			fmt.Fprintf(w, `{"token":"tok-%s","expires_in":300}`, r.URL.Query().Get("scope"))
+			return
+		}
+		if !strings.HasPrefix(r.Header.Get("Authorization"), "Bearer tok-") {
+			w.Header().Set("WWW-Authenticate", fmt.Sprintf(`Bearer realm="%s/token",service="test"`, tr.URL))
+			w.WriteHeader(http.StatusUnauthorized)
+			return
+		}
+		reg.ServeHTTP(w, r)
+	}))
+	t.Cleanup(tr.Close)
+	tr.host = strings.TrimPrefix(tr.URL, "http://")
+	return tr
+}
+
+func TestTokenReusedPerRepository(t *testing.T) {
+	tr := newTokenRegistry(t)
+	img, _ := random.Image(1024, 1)
+	if err := crane.Push(img, tr.host+"/team/app:v1", crane.WithAuth(authn.Anonymous)); err != nil {
+		t.Fatal(err)
+	}
+	pushTokens := tr.tokens.Load()
+
+	c, err := New(Config{URL: tr.URL})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for i := 0; i < 10; i++ {
+		if _, _, err := c.GetManifest(ctx, "team/app", "v1", nil); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.HeadManifest(ctx, "team/app", "v1", nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := tr.tokens.Load() - pushTokens; n != 1 {
+		t.Errorf("20 requests to one repository fetched %d tokens, want 1", n)
+	}
+	if _, _, err := c.GetManifest(ctx, "team/other", "v1", nil); !errors.Is(err, ErrNotFound) {
+		t.Errorf("missing repository: %v, want ErrNotFound", err)
+	}
+	if n := tr.tokens.Load() - pushTokens; n != 2 {
+		t.Errorf("a second repository: %d tokens in all, want 2 (one per scope)", n)
+	}
+}
+
+func TestCredentialsAndWrongCredentials(t *testing.T) {
+	tr := newTokenRegistry(t)
+	tr.user, tr.pass = "ci", "secret"
+	img, _ := random.Image(1024, 1)
+	if err := crane.Push(img, tr.host+"/team/app:v1", crane.WithAuth(&authn.Basic{Username: "ci", Password: "secret"})); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	good, _ := New(Config{URL: tr.URL, Auth: &authn.Basic{Username: "ci", Password: "secret"}})
+	if _, _, err := good.GetManifest(ctx, "team/app", "v1", nil); err != nil {
+		t.Fatalf("right credentials: %v", err)
+	}
+	bad, _ := New(Config{URL: tr.URL, Auth: &authn.Basic{Username: "ci", Password: "wrong"}})
+	_, _, err := bad.GetManifest(ctx, "team/app", "v1", nil)
+	if !errors.Is(err, ErrUnauthorized) {
+		t.Fatalf("wrong credentials: %v, want ErrUnauthorized", err)
+	}
+	if strings.Contains(err.Error(), "wrong") {
+		t.Errorf("the error shows the password: %v", err)
+	}
+}
+
+func TestErrorsAreClassified(t *testing.T) {
+	var status atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		if status.Load() == http.StatusTooManyRequests {
+			w.Header().Set("Retry-After", "7")
+		}
+		w.WriteHeader(int(status.Load()))
+	}))
+	defer srv.Close()
+	c, _ := New(Config{URL: srv.URL})
+	for _, tc := range []struct {
+		status int
+		want   error
+	}{
+		{404, ErrNotFound}, {401, ErrUnauthorized}, {403, ErrUnauthorized}, {429, ErrRateLimited},
+		{500, ErrUnavailable}, {502, ErrUnavailable}, {503, ErrUnavailable}, {400, ErrBadResponse},
+	} {
+		status.Store(int32(tc.status))
+		_, _, err := c.GetManifest(context.Background(), "team/app", "v1", nil)
+		if !errors.Is(err, tc.want) {
+			t.Errorf("status %d: %v, want %v", tc.status, err, tc.want)
+		}
+		if tc.status == 429 {
+			var rl *RateLimitError
+			if !errors.As(err, &rl) || rl.RetryAfter != 7*time.Second {
+				t.Errorf("429: Retry-After not kept: %v", err)
+			}
+		}
+	}
+	srv.Close()
+	_, _, err := c.GetManifest(context.Background(), "team/app", "v1", nil)
+	if !errors.Is(err, ErrUnavailable) {
+		t.Errorf("upstream down: %v, want ErrUnavailable", err)
+	}
+}
+
+func TestManifestSizeCapAndDigestCheck(t *testing.T) {
+	var body atomic.Value
+	var header atomic.Value
+	header.Store("")
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		if h := header.Load().(string); h != "" {
+			w.Header().Set("Docker-Content-Digest", h)
+		}
+		w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+		io.WriteString(w, body.Load().(string))
+	}))
+	defer srv.Close()
+	c, _ := New(Config{URL: srv.URL})
+	ctx := context.Background()
+
+	body.Store(strings.Repeat(" ", MaxManifestSize+1))
+	if _, _, err := c.GetManifest(ctx, "a/b", "v1", nil); !errors.Is(err, ErrTooLarge) {
+		t.Errorf("oversize manifest: %v, want ErrTooLarge", err)
+	}
+	body.Store(`{"schemaVersion":2}`)
+	header.Store("sha256:" + strings.Repeat("0", 64))
+	if _, _, err := c.GetManifest(ctx, "a/b", "v1", nil); !errors.Is(err, ErrBadResponse) {
+		t.Errorf("manifest not matching the upstream's digest header: %v, want ErrBadResponse", err)
+	}
+	header.Store("")
+	if _, _, err := c.GetManifest(ctx, "a/b", "sha256:"+strings.Repeat("1", 64), nil); !errors.Is(err, ErrBadResponse) {
+		t.Errorf("manifest not matching the digest asked for: %v, want ErrBadResponse", err)
+	}
+	desc, b, err := c.GetManifest(ctx, "a/b", "v1", nil)
+	if err != nil || string(b) != `{"schemaVersion":2}` || desc.Digest == "" || desc.Size != int64(len(b)) {
+		t.Errorf("good manifest: %v %q %+v", err, b, desc)
+	}
+}
+
+func TestTransportsAreBounded(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {}))
+	defer srv.Close()
+	c, _ := New(Config{URL: srv.URL})
+	var wg sync.WaitGroup
+	for i := 0; i < maxTransports+50; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c.HeadBlob(context.Background(), fmt.Sprintf("r/%d", i), digest.Digest("sha256:"+strings.Repeat("a", 64)))
+		}()
+		if i%64 == 63 {
+			wg.Wait()
+		}
+	}
+	wg.Wait()
+	c.mu.Lock()
+	n := len(c.transports)
+	c.mu.Unlock()
+	if n > maxTransports {
+		t.Errorf("%d transports cached, limit %d", n, maxTransports)
+	}
+}
+
+func TestInvalidURL(t *testing.T) {
+	for _, u := range []string{"", "ftp://x", "registry.example.com", "http://"} {
+		if _, err := New(Config{URL: u}); err == nil {
+			t.Errorf("New(%q) accepted", u)
+		}
+	}
+}
