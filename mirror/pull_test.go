@@ -48,7 +48,7 @@ type fakeUpstream struct {
 	hook   func(w http.ResponseWriter, r *http.Request) bool // true: handled
 }
 
-func newFakeUpstream(t *testing.T) *fakeUpstream {
+func newFakeUpstream(t testing.TB) *fakeUpstream {
 	t.Helper()
 	u := &fakeUpstream{reg: registry.New(registry.Logger(discardLog())), counts: map[string]int{}, accept: map[string]string{}}
 	u.Server = httptest.NewServer(http.HandlerFunc(u.serve))
@@ -127,7 +127,7 @@ type pullEnv struct {
 
 const testTagTTL = time.Minute
 
-func newPullEnv(t *testing.T, dockerHub bool) *pullEnv {
+func newPullEnv(t testing.TB, dockerHub bool) *pullEnv {
 	t.Helper()
 	e := &pullEnv{up: newFakeUpstream(t), clock: &fakeClock{t: time.Unix(1_800_000_000, 0)}, dir: t.TempDir()}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -160,7 +160,7 @@ func newPullEnv(t *testing.T, dockerHub bool) *pullEnv {
 }
 
 // pushImage puts img at the fake upstream under repo:tag.
-func (e *pullEnv) pushImage(t *testing.T, img v1.Image, ref string) {
+func (e *pullEnv) pushImage(t testing.TB, img v1.Image, ref string) {
 	t.Helper()
 	if err := crane.Push(img, e.up.host+"/"+ref); err != nil {
 		t.Fatal(err)
@@ -168,7 +168,7 @@ func (e *pullEnv) pushImage(t *testing.T, img v1.Image, ref string) {
 }
 
 // pushBlob puts b at the fake upstream under repo and returns its digest.
-func (e *pullEnv) pushBlob(t *testing.T, repo string, b []byte) digest.Digest {
+func (e *pullEnv) pushBlob(t testing.TB, repo string, b []byte) digest.Digest {
 	t.Helper()
 	r, err := name.NewRepository(e.up.host + "/" + repo)
 	if err != nil {
@@ -182,7 +182,7 @@ func (e *pullEnv) pushBlob(t *testing.T, repo string, b []byte) digest.Digest {
 
 func (e *pullEnv) url(path string) string { return e.srv.URL + path }
 
-func randomBytes(t *testing.T, n int) []byte {
+func randomBytes(t testing.TB, n int) []byte {
 	t.Helper()
 	b := make([]byte, n)
 	if _, err := rand.Read(b); err != nil {
