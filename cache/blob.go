@@ -236,7 +236,11 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 			}
 			return nil
 		}
-		// Indexed but the file is gone: store it again below.
+		// Indexed but the file is gone: store it again below, and keep
+		// the pin of content that was pushed.
+		if info.Origin == OriginPushed {
+			origin = OriginPushed
+		}
 	} else if !errors.Is(err, ErrNotFound) {
 		return err
 	}
@@ -265,13 +269,17 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 }
 
 // dropTemp removes the temp file because an identical blob is already at final.
+// Only a temp file is removed: on a writer that was already committed, w.path
+// is the stored blob itself.
 func (w *BlobWriter) dropTemp(final string) {
 	w.mu.Lock()
 	tmp := w.path
 	w.path = final
 	w.mu.Unlock()
 	w.f.Close()
-	os.Remove(tmp)
+	if w.s.isTemp(tmp) {
+		os.Remove(tmp)
+	}
 }
 
 func syncDir(dir string) error {
