@@ -19,6 +19,8 @@ import (
 //	't' ns 0x00 repo 0x00 tag        -> tagValue      (digest, FetchedAt)
 //	'l' ns 0x00 repo 0x00 digest     -> empty         (repo references digest)
 //	'u' upload id                    -> upload state, with a badger TTL (push)
+//	'n' repo                         -> created at, unix nanos (a local repository exists)
+//	'r' ns 0x00 repo 0x00 subject 0x00 digest -> descriptor JSON (digest refers to subject)
 //	'a' digest                       -> last access, unix nanoseconds (batched)
 //
 // ns is the upstream a repository is proxied from (its host, e.g.
@@ -35,6 +37,8 @@ const (
 	prefixTag      = 't'
 	prefixLink     = 'l'
 	prefixUpload   = 'u'
+	prefixRepo     = 'n'
+	prefixReferrer = 'r'
 	prefixAccess   = 'a'
 )
 
@@ -48,6 +52,16 @@ func keyLink(ns, repo string, d digest.Digest) []byte {
 	return join(prefixLink, ns, repo, string(d))
 }
 func keyUpload(id string) []byte { return join(prefixUpload, id) }
+func keyUploadPrefix() []byte    { return []byte{prefixUpload} }
+func keyRepo(name string) []byte { return join(prefixRepo, name) }
+func keyRepoPrefix() []byte      { return []byte{prefixRepo} }
+func keyReferrer(ns, repo string, subject, d digest.Digest) []byte {
+	return join(prefixReferrer, ns, repo, string(subject), string(d))
+}
+func keyReferrerPrefix(ns, repo string, subject digest.Digest) []byte {
+	return append(join(prefixReferrer, ns, repo, string(subject)), 0)
+}
+func keyLinkPrefix(ns, repo string) []byte { return append(join(prefixLink, ns, repo), 0) }
 
 func join(prefix byte, parts ...string) []byte {
 	n := 1

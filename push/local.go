@@ -1,0 +1,185 @@
+package push
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/opencontainers/go-digest"
+
+	"slipway/cache"
+)
+
+// Reads, listings and deletes of local repositories. Content is served
+// under a repository only if that repository references it.
+
+// Manifest returns manifest ref (a tag or a digest) of repo.
+func (m *Manager) Manifest(repo, ref string) (cache.Manifest, error) {
+	d, err := m.resolve(repo, ref)
+	if err != nil {
+		return cache.Manifest{}, err
+	}
+	man, err := m.store.GetManifest(d)
+	if errors.Is(err, cache.ErrNotFound) {
+		return cache.Manifest{}, fmt.Errorf("%w: %s", ErrManifestUnknown, ref)
+	}
+	return man, err
+}
+
+// resolve turns ref into the digest of a manifest repo references.
+func (m *Manager) resolve(repo, ref string) (digest.Digest, error) {
+	d, err := digest.Parse(ref)
+	if err != nil {
+		t, err := m.store.GetTag("", repo, ref)
+		if errors.Is(err, cache.ErrNotFound) {
+			return "", fmt.Errorf("%w: tag %s", ErrManifestUnknown, ref)
+		}
+		return t.Digest, err
+	}
+	ok, err := m.store.Linked("", repo, d)
+	if err != nil {
+		return "", err
+	}
+	if !ok {
+		return "", fmt.Errorf("%w: %s", ErrManifestUnknown, d)
+	}
+	return d, nil
+}
+
+// StatBlob returns blob d of repo's index entry.
+func (m *Manager) StatBlob(repo string, d digest.Digest) (cache.BlobInfo, error) {
+	ok, err := m.store.Linked("", repo, d)
+	if err != nil {
+		return cache.BlobInfo{}, err
+	}
+	if !ok {
+		return cache.BlobInfo{}, fmt.Errorf("%w: %s", ErrBlobUnknown, d)
+	}
+	info, err := m.store.StatBlob(d)
+	if errors.Is(err, cache.ErrNotFound) {
+		return cache.BlobInfo{}, fmt.Errorf("%w: %s", ErrBlobUnknown, d)
+	}
+	return info, err
+}
+
+// Blob opens blob d of repo. The caller closes the file.
+func (m *Manager) Blob(repo string, d digest.Digest) (*os.File, cache.BlobInfo, error) {
+	if _, err := m.StatBlob(repo, d); err != nil {
+		return nil, cache.BlobInfo{}, err
+	}
+	f, info, err := m.store.OpenBlob(d)
+	if errors.Is(err, cache.ErrNotFound) {
+		return nil, cache.BlobInfo{}, fmt.Errorf("%w: %s", ErrBlobUnknown, d)
+	}
+	return f, info, err
+}
+
+// Tags lists repo's tags in lexical order: at most n (n < 0: all) after
+// last.
+func (m *Manager) Tags(repo, last string, n int) ([]string, error) {
+	if err := m.mustExist(repo); err != nil {
+		return nil, err
+	}
+	if n == 0 {
+		return []string{}, nil
+	}
+	tags, err := m.store.Tags("", repo, last, max(n, 0))
+	if tags == nil {
+		tags = []string{}
+	}
+	return tags, err
+}
+
+func (m *Manager) mustExist(repo string) error {
+	ok, err := m.store.RepositoryExists(repo)
+	if err != nil {
+		return err
+	}
+	if !ok {
+		return fmt.Errorf("%w: %s", ErrNameUnknown, repo)
+	}
+	return nil
+}
+
+// Repositories lists the local repositories in lexical order: at most n
+// (n < 0: all) after last.
+func (m *Manager) Repositories(last string, n int) ([]string, error) {
+	if n == 0 {
+		return []string{}, nil
+	}
+	repos, err := m.store.Repositories(last, max(n, 0))
+	if repos == nil {
+		repos = []string{}
+	}
+	return repos, err
+}
+
+// Referrers returns the OCI index of the manifests in repo whose subject is
+// subject, only those of artifactType if it is not empty. A repository or
+// subject nobody referred to has an empty list.
+func (m *Manager) Referrers(repo string, subject digest.Digest, artifactType string) (v1.IndexManifest, error) {
+	idx := v1.IndexManifest{SchemaVersion: 2, MediaType: types.OCIImageIndex, Manifests: []v1.Descriptor{}}
+	raw, err := m.store.Referrers("", repo, subject)
+	if err != nil {
+		return v1.IndexManifest{}, err
+	}
+	for _, b := range raw {
+		var desc v1.Descriptor
+		if err := json.Unmarshal(b, &desc); err != nil {
+			return v1.IndexManifest{}, fmt.Errorf("push: stored referrer of %s: %w", subject, err)
+		}
+		if artifactType == "" || desc.ArtifactType == artifactType {
+			idx.Manifests = append(idx.Manifests, desc)
+		}
+	}
+	return idx, nil
+}
+
+// DeleteManifest removes ref from repo: a tag is untagged; a digest is
+// unlinked, with the tags that point at it and its referrer entry.
+func (m *Manager) DeleteManifest(repo, ref string) error {
+	if err := m.permit(repo); err != nil {
+		return err
+	}
+	d, err := digest.Parse(ref)
+	if err != nil {
+		if err := m.store.DeleteTag("", repo, ref); errors.Is(err, cache.ErrNotFound) {
+			return fmt.Errorf("%w: tag %s", ErrManifestUnknown, ref)
+		} else if err != nil {
+			return err
+		}
+		return nil
+	}
+	man, err := m.Manifest(repo, ref)
+	if err != nil {
+		return err
+	}
+	if err := m.store.Unlink("", repo, d); err != nil {
+		return err
+	}
+	if _, err := m.store.DeleteTagsOf("", repo, d); err != nil {
+		return err
+	}
+	var s struct {
+		Subject *descriptor `json:"subject"`
+	}
+	if json.Unmarshal(man.Bytes, &s) == nil && s.Subject != nil {
+		return m.store.DeleteReferrer("", repo, s.Subject.Digest, d)
+	}
+	return nil
+}
+
+// DeleteBlob removes blob d from repo. The bytes stay while anything else
+// references them; gc reclaims them.
+func (m *Manager) DeleteBlob(repo string, d digest.Digest) error {
+	if err := m.permit(repo); err != nil {
+		return err
+	}
+	if _, err := m.StatBlob(repo, d); err != nil {
+		return err
+	}
+	return m.store.Unlink("", repo, d)
+}
