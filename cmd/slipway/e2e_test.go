@@ -247,23 +247,46 @@ func (p *proc) stop(t *testing.T, sig syscall.Signal, within time.Duration) {
 // running under strace), and waits up to within for both to exit 0.
 func (p *proc) stopTraced(t *testing.T, within time.Duration) {
 	t.Helper()
-	pid := p.cmd.Process.Pid
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
-	if err != nil {
-		t.Fatalf("children of pid %d: %v", pid, err)
-	}
-	kids := strings.Fields(string(b))
+	kids := childrenOf(p.cmd.Process.Pid)
 	if len(kids) != 1 {
-		t.Fatalf("pid %d has children %v, want exactly one (slipway)", pid, kids)
+		t.Fatalf("pid %d has children %v, want exactly one (slipway)", p.cmd.Process.Pid, kids)
 	}
-	child, err := strconv.Atoi(kids[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Kill(child, syscall.SIGTERM); err != nil {
-		t.Fatalf("SIGTERM to slipway (pid %d): %v", child, err)
+	if err := syscall.Kill(kids[0], syscall.SIGTERM); err != nil {
+		t.Fatalf("SIGTERM to slipway (pid %d): %v", kids[0], err)
 	}
 	p.waitExit(t, "SIGTERM", within)
+}
+
+// childrenOf lists the child processes of pid, from
+// /proc/<pid>/task/<pid>/children, or where the kernel lacks that file, from
+// the parent pid field of every /proc/<n>/stat.
+func childrenOf(pid int) []int {
+	var kids []int
+	if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid)); err == nil {
+		for _, f := range strings.Fields(string(b)) {
+			if n, err := strconv.Atoi(f); err == nil {
+				kids = append(kids, n)
+			}
+		}
+		return kids
+	}
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	for _, st := range stats {
+		b, err := os.ReadFile(st)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid ...; comm may hold spaces and parentheses.
+		i := strings.LastIndexByte(string(b), ')')
+		f := strings.Fields(string(b)[i+1:])
+		if i < 0 || len(f) < 2 || f[1] != strconv.Itoa(pid) {
+			continue
+		}
+		if n, err := strconv.Atoi(filepath.Base(filepath.Dir(st))); err == nil {
+			kids = append(kids, n)
+		}
+	}
+	return kids
 }
 
 func (p *proc) waitExit(t *testing.T, what string, within time.Duration) {
