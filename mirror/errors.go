@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"net/http"
 	"strconv"
+	"strings"
 
 	"github.com/labstack/echo/v4"
 
 	"slipway/cache"
+	"slipway/push"
 	"slipway/upstream"
 )
 
@@ -101,7 +103,32 @@ func toOCI(err error, kind routeKind) *ociError {
 		}
 	}
 	var rl *upstream.RateLimitError
+	// push errors say what was wrong with the request: their text, less
+	// the package prefix, is the message.
+	pushMsg := strings.TrimPrefix(err.Error(), "push: ")
 	switch {
+	case errors.Is(err, push.ErrUploadUnknown):
+		return wrapError(codeBlobUploadUnknown, pushMsg, err)
+	case errors.Is(err, push.ErrRangeInvalid):
+		return wrapError(codeRangeInvalid, pushMsg, err)
+	case errors.Is(err, push.ErrSizeInvalid):
+		return wrapError(codeSizeInvalid, pushMsg, err)
+	case errors.Is(err, push.ErrDigestInvalid):
+		return wrapError(codeDigestInvalid, pushMsg, err)
+	case errors.Is(err, push.ErrManifestTooLarge):
+		return wrapError(codeTooLarge, pushMsg, err)
+	case errors.Is(err, push.ErrManifestInvalid):
+		return wrapError(codeManifestInvalid, pushMsg, err)
+	case errors.Is(err, push.ErrManifestBlobUnknown):
+		return wrapError(codeManifestBlobUnknown, pushMsg, err)
+	case errors.Is(err, push.ErrManifestUnknown):
+		return wrapError(codeManifestUnknown, pushMsg, err)
+	case errors.Is(err, push.ErrBlobUnknown):
+		return wrapError(codeBlobUnknown, pushMsg, err)
+	case errors.Is(err, push.ErrNameUnknown):
+		return wrapError(codeNameUnknown, pushMsg, err)
+	case errors.Is(err, push.ErrDenied):
+		return wrapError(codeDenied, pushMsg, err)
 	case errors.Is(err, upstream.ErrNotFound), errors.Is(err, cache.ErrNotFound):
 		switch kind {
 		case routeBlob:

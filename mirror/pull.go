@@ -34,6 +34,9 @@ func (s *Server) getManifest(c echo.Context, r route) error {
 	if err != nil {
 		return err
 	}
+	if t.local {
+		return s.getLocalManifest(c, t.repo, r)
+	}
 	m, src, err := t.up.Proxy.Manifest(c.Request().Context(), t.repo, r.ref, accepts(c.Request()))
 	if err != nil {
 		return err
@@ -76,6 +79,9 @@ func (s *Server) headManifest(c echo.Context, r route) error {
 	if err != nil {
 		return err
 	}
+	if t.local {
+		return s.getLocalManifest(c, t.repo, r)
+	}
 	desc, src, err := t.up.Proxy.HeadManifest(c.Request().Context(), t.repo, r.ref, accepts(c.Request()))
 	if err != nil {
 		return err
@@ -93,6 +99,9 @@ func (s *Server) getBlob(c echo.Context, r route) error {
 	t, err := s.resolve(c, r.name)
 	if err != nil {
 		return err
+	}
+	if t.local {
+		return s.getLocalBlob(c, t.repo, r)
 	}
 	b, err := t.up.Proxy.Blob(c.Request().Context(), t.repo, r.digest)
 	if err != nil {
@@ -154,6 +163,9 @@ func (s *Server) headBlob(c echo.Context, r route) error {
 	if err != nil {
 		return err
 	}
+	if t.local {
+		return s.headLocalBlob(c, t.repo, r)
+	}
 	desc, src, err := t.up.Proxy.HeadBlob(c.Request().Context(), t.repo, r.digest)
 	if err != nil {
 		return err
@@ -180,4 +192,3 @@ func (w sendfileWriter) ReadFrom(r io.Reader) (int64, error) {
 	w.Size += n
 	return n, err
 }
-

@@ -17,6 +17,7 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"slipway/cache"
+	"slipway/push"
 	"slipway/upstream"
 )
 
@@ -39,6 +40,8 @@ type Config struct {
 	// a prefix or ?ns=.
 	Default int
 	Logger  *slog.Logger
+	// Push is the local push target; nil disables pushes.
+	Push *push.Manager
 }
 
 // Server is the registry front.
@@ -48,6 +51,7 @@ type Server struct {
 	upstreams []Upstream
 	byName    map[string]*Upstream
 	def       *Upstream
+	push      *push.Manager
 	log       *slog.Logger
 }
 
@@ -68,7 +72,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Store == nil {
 		return nil, errors.New("mirror: no store")
 	}
-	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, log: cfg.Logger}
+	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, push: cfg.Push, log: cfg.Logger}
 	for i := range s.upstreams {
 		u := &s.upstreams[i]
 		names := append([]string{u.Proxy.Upstream().Host()}, u.Names...)
@@ -134,6 +138,10 @@ func (s *Server) dispatch(c echo.Context) error {
 			return s.getManifest(c, r)
 		case http.MethodHead:
 			return s.headManifest(c, r)
+		case http.MethodPut:
+			return s.putManifest(c, r)
+		case http.MethodDelete:
+			return s.deleteManifest(c, r)
 		}
 	case routeBlob:
 		switch m {
@@ -141,6 +149,35 @@ func (s *Server) dispatch(c echo.Context) error {
 			return s.getBlob(c, r)
 		case http.MethodHead:
 			return s.headBlob(c, r)
+		case http.MethodDelete:
+			return s.deleteBlob(c, r)
+		}
+	case routeUploads:
+		if m == http.MethodPost {
+			return s.postUpload(c, r)
+		}
+	case routeUpload:
+		switch m {
+		case http.MethodGet:
+			return s.getUpload(c, r)
+		case http.MethodPatch:
+			return s.patchUpload(c, r)
+		case http.MethodPut:
+			return s.putUpload(c, r)
+		case http.MethodDelete:
+			return s.deleteUpload(c, r)
+		}
+	case routeTags:
+		if m == http.MethodGet {
+			return s.getTags(c, r)
+		}
+	case routeReferrers:
+		if m == http.MethodGet {
+			return s.getReferrers(c, r)
+		}
+	case routeCatalog:
+		if m == http.MethodGet {
+			return s.getCatalog(c, r)
 		}
 	}
 	return errMethod
@@ -148,14 +185,16 @@ func (s *Server) dispatch(c echo.Context) error {
 
 // target is what a repository name resolves to.
 type target struct {
-	up   *Upstream
-	repo string // repository name on the upstream
+	up    *Upstream
+	repo  string // repository name on the upstream, or the local name
+	local bool   // a local (pushed) repository: served from the store only
 }
 
 // resolve maps a client's name (and ?ns=) to an upstream repository:
 // ?ns=<host> names the upstream; else a first path segment that names a
-// configured upstream selects it; else the default upstream. Hosts that are
-// not configured are never contacted.
+// configured upstream selects it; else a local repository, if the name
+// matches a push prefix or was pushed to; else the default upstream. Hosts
+// that are not configured are never contacted.
 func (s *Server) resolve(c echo.Context, name string) (target, error) {
 	if ns := c.QueryParam("ns"); ns != "" {
 		u, ok := s.byName[strings.ToLower(ns)]
@@ -168,6 +207,15 @@ func (s *Server) resolve(c echo.Context, name string) (target, error) {
 	if first, rest, ok := strings.Cut(name, "/"); ok {
 		if u, ok := s.byName[first]; ok {
 			return s.targetOf(u, rest)
+		}
+	}
+	if s.push != nil {
+		local, err := s.push.Exists(name)
+		if err != nil {
+			return target{}, err
+		}
+		if local || s.push.Claims(name) || s.def == nil {
+			return target{repo: name, local: true}, nil
 		}
 	}
 	if s.def == nil {

@@ -22,6 +22,7 @@ import (
 
 	"slipway/cache"
 	"slipway/mirror"
+	"slipway/push"
 	"slipway/upstream"
 )
 
@@ -67,6 +68,9 @@ type serveConfig struct {
 	shutdownTimeout time.Duration
 	logFormat       string
 	logLevel        string
+	push            bool
+	pushPrefix      string
+	uploadTTL       time.Duration
 }
 
 // serveFlags declares serve's flags. Each flag has an environment twin,
@@ -85,6 +89,9 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.DurationVar(&c.shutdownTimeout, "shutdown-timeout", 30*time.Second, "how long shutdown waits for responses in flight")
 	fs.StringVar(&c.logFormat, "log-format", "text", "log format: text or json")
 	fs.StringVar(&c.logLevel, "log-level", "info", "log level: debug, info, warn, error")
+	fs.BoolVar(&c.push, "push", true, "accept pushes into local repositories")
+	fs.StringVar(&c.pushPrefix, "push-prefix", "", "comma-separated repository prefixes that may be pushed to (and are always local); empty: any name not proxied")
+	fs.DurationVar(&c.uploadTTL, "upload-ttl", 24*time.Hour, "remove an unfinished upload after it sat unused this long")
 	return fs, c
 }
 
@@ -165,11 +172,20 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 	}
 	fills := upstream.NewFiller(store, upstream.FillerOptions{Logger: log, Timeout: c.fillTimeout, IdleTimeout: c.fillIdle})
 	defer fills.Close()
+	var pushes *push.Manager
+	if c.push {
+		pushes, err = push.New(push.Config{Store: store, Logger: log, Prefixes: splitList(c.pushPrefix), UploadTTL: c.uploadTTL})
+		if err != nil {
+			return err
+		}
+		defer pushes.Close()
+	}
 	proxy := upstream.NewProxy(up, store, fills, upstream.ProxyOptions{Logger: log, TagTTL: c.tagTTL})
 	srv, err := mirror.New(mirror.Config{
 		Store:     store,
 		Upstreams: []mirror.Upstream{{Proxy: proxy, DockerHub: isDockerHub(c.upstream)}},
 		Logger:    log,
+		Push:      pushes,
 	})
 	if err != nil {
 		return err
@@ -218,4 +234,15 @@ func isDockerHub(rawURL string) bool {
 		return true
 	}
 	return false
+}
+
+// splitList splits a comma-separated flag value, dropping empty entries.
+func splitList(v string) []string {
+	var out []string
+	for _, p := range strings.Split(v, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
 }
