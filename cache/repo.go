@@ -15,7 +15,7 @@ import (
 // AddRepository records that local repository name exists. Adding it again
 // keeps the first creation time.
 func (s *Store) AddRepository(name string) error {
-	err := s.db.Update(func(txn *badger.Txn) error {
+	return s.update(func(txn *badger.Txn) error {
 		k := keyRepo(name)
 		if _, err := txn.Get(k); err == nil {
 			return nil
@@ -24,6 +24,18 @@ func (s *Store) AddRepository(name string) error {
 		}
 		return txn.Set(k, binary.BigEndian.AppendUint64(nil, uint64(s.now().UnixNano())))
 	})
+}
+
+// update runs a read-modify-write transaction, again when a concurrent one
+// conflicted with it (it read a key another wrote).
+func (s *Store) update(fn func(txn *badger.Txn) error) error {
+	var err error
+	for range 16 {
+		err = s.db.Update(fn)
+		if !errors.Is(err, badger.ErrConflict) {
+			break
+		}
+	}
 	if errors.Is(err, badger.ErrDBClosed) {
 		return ErrClosed
 	}
@@ -97,7 +109,8 @@ func (s *Store) HasContent(ns, repo string) (bool, error) {
 func (s *Store) DeleteTagsOf(ns, repo string, d digest.Digest) ([]string, error) {
 	prefix := keyTagPrefix(ns, repo)
 	var deleted []string
-	err := s.db.Update(func(txn *badger.Txn) error {
+	err := s.update(func(txn *badger.Txn) error {
+		deleted = deleted[:0]
 		o := badger.DefaultIteratorOptions
 		o.Prefix = prefix
 		it := txn.NewIterator(o)
@@ -125,9 +138,6 @@ func (s *Store) DeleteTagsOf(ns, repo string, d digest.Digest) ([]string, error)
 		}
 		return nil
 	})
-	if errors.Is(err, badger.ErrDBClosed) {
-		return nil, ErrClosed
-	}
 	return deleted, err
 }
 
