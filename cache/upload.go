@@ -270,7 +270,7 @@ type hashDigester struct {
 	h   hash.Hash
 }
 
-func (d hashDigester) Hash() hash.Hash        { return d.h }
+func (d hashDigester) Hash() hash.Hash       { return d.h }
 func (d hashDigester) Digest() digest.Digest { return digest.NewDigest(d.alg, d.h) }
 
 // DeleteUpload cancels upload id and removes its bytes. A missing upload is
