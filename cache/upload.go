@@ -116,7 +116,9 @@ func (s *Store) CreateUpload(repo string, ttl time.Duration) (Upload, error) {
 func (s *Store) putUpload(u uploadState, ttl time.Duration) error {
 	e := badger.NewEntry(keyUpload(u.ID), encodeUpload(u))
 	if ttl > 0 {
-		e = e.WithTTL(ttl)
+		// badger keeps expiry in whole seconds, rounded down: add one so
+		// an upload lives at least ttl.
+		e = e.WithTTL(ttl + time.Second)
 	}
 	err := s.db.Update(func(txn *badger.Txn) error { return txn.SetEntry(e) })
 	if errors.Is(err, badger.ErrDBClosed) {
