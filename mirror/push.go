@@ -28,7 +28,7 @@ var (
 // refuses it: a push never goes to a proxied name, so it can never change
 // what a client gets for an upstream image.
 func (s *Server) resolveWrite(c echo.Context, name string) (string, error) {
-	if s.push == nil {
+	if s.push == nil || s.push.ReadOnly() {
 		return "", errPushDisabled
 	}
 	if ns := c.QueryParam("ns"); ns != "" {
@@ -183,7 +183,7 @@ func (s *Server) putUpload(c echo.Context, r route) error {
 // getUpload reports how much of an upload the registry has (204, Range).
 // https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pushing-a-blob-in-chunks
 func (s *Server) getUpload(c echo.Context, r route) error {
-	if s.push == nil {
+	if s.push == nil || s.push.ReadOnly() {
 		return errPushDisabled
 	}
 	u, err := s.push.Upload(r.name, r.upload)

@@ -40,6 +40,7 @@ type pushEnv struct {
 	up       *fakeUpstream
 	dir      string
 	prefixes []string
+	readOnly bool
 
 	store *cache.Store
 	fills *upstream.Filler
@@ -76,7 +77,7 @@ func (e *pushEnv) open() {
 	e.store = st
 	e.fills = upstream.NewFiller(st, upstream.FillerOptions{Logger: log, IdleTimeout: 20 * time.Second})
 	p := upstream.NewProxy(c, st, e.fills, upstream.ProxyOptions{Logger: log})
-	e.push, err = push.New(push.Config{Store: st, Logger: log, Prefixes: e.prefixes})
+	e.push, err = push.New(push.Config{Store: st, Logger: log, Prefixes: e.prefixes, ReadOnly: e.readOnly})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -680,6 +681,17 @@ func TestPushToProxiedNameIsDenied(t *testing.T) {
 	// Pushes disabled: 405.
 	off := newPullEnv(t, false)
 	expectErrorBody(t, "POST", off.url("/v2/ci/app/blobs/uploads/"), nil, nil, 405, "UNSUPPORTED")
+
+	// Read only (slipway serve --push=false): what was pushed before is
+	// still served, nothing new is taken.
+	p.close()
+	p.readOnly = true
+	p.open()
+	expectErrorBody(t, "POST", p.url("/v2/ci/app/blobs/uploads/"), nil, nil, 405, "UNSUPPORTED")
+	expectErrorBody(t, "DELETE", p.url("/v2/ci/app/blobs/"+string(d)), nil, nil, 405, "UNSUPPORTED")
+	if resp := do(t, "GET", p.url("/v2/ci/app/blobs/"+string(d)), nil); resp.StatusCode != 200 {
+		t.Errorf("read-only: GET of a pushed blob: %d", resp.StatusCode)
+	}
 }
 
 // A chunked upload goes on after a restart: the store is closed and opened

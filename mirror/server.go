@@ -40,7 +40,8 @@ type Config struct {
 	// a prefix or ?ns=.
 	Default int
 	Logger  *slog.Logger
-	// Push is the local push target; nil disables pushes.
+	// Push serves local repositories and takes pushes (unless it is read
+	// only); nil: no local repositories at all.
 	Push *push.Manager
 }
 

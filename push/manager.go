@@ -43,6 +43,8 @@ type Config struct {
 	// Prefixes, if any, are the only repository names that may be pushed
 	// to ("ci" allows "ci" and "ci/..."); those names are always local.
 	Prefixes []string
+	// ReadOnly refuses every write; local repositories are still served.
+	ReadOnly bool
 	// UploadTTL is how long an upload may sit unused before it is reaped.
 	// Default 24 hours.
 	UploadTTL time.Duration
@@ -56,6 +58,7 @@ type Manager struct {
 	store    *cache.Store
 	log      *slog.Logger
 	prefixes []string
+	readOnly bool
 	ttl      time.Duration
 
 	stop      chan struct{}
@@ -77,7 +80,7 @@ func New(cfg Config) (*Manager, error) {
 	if cfg.ReapInterval <= 0 {
 		cfg.ReapInterval = min(cfg.UploadTTL/4, 10*time.Minute)
 	}
-	m := &Manager{store: cfg.Store, log: cfg.Logger, ttl: cfg.UploadTTL, stop: make(chan struct{})}
+	m := &Manager{store: cfg.Store, log: cfg.Logger, ttl: cfg.UploadTTL, readOnly: cfg.ReadOnly, stop: make(chan struct{})}
 	for _, p := range cfg.Prefixes {
 		if p = strings.Trim(p, "/ "); p != "" {
 			m.prefixes = append(m.prefixes, p)
@@ -129,11 +132,14 @@ func (m *Manager) Claims(name string) bool {
 	return len(m.prefixes) > 0 && m.matches(name)
 }
 
-// Permits reports whether name may be pushed to: no prefixes are
-// configured, or it matches one.
+// Permits reports whether name may be pushed to: the Manager is not read
+// only, and no prefixes are configured or name matches one.
 func (m *Manager) Permits(name string) bool {
-	return len(m.prefixes) == 0 || m.matches(name)
+	return !m.readOnly && (len(m.prefixes) == 0 || m.matches(name))
 }
+
+// ReadOnly reports whether every write is refused.
+func (m *Manager) ReadOnly() bool { return m.readOnly }
 
 func (m *Manager) matches(name string) bool {
 	for _, p := range m.prefixes {

@@ -17,6 +17,9 @@ type Upload = cache.Upload
 
 // permit refuses a write to a name outside the push prefixes.
 func (m *Manager) permit(repo string) error {
+	if m.readOnly {
+		return fmt.Errorf("%w: pushes are disabled", ErrDenied)
+	}
 	if !m.Permits(repo) {
 		return fmt.Errorf("%w: %q matches no push prefix (%s)", ErrDenied, repo, strings.Join(m.prefixes, ", "))
 	}

@@ -157,8 +157,8 @@ func serve(args []string, stderr io.Writer) int {
 }
 
 // serveUntil runs the mirror until ctx is done, then shuts down in order:
-// stop HTTP (letting responses in flight finish), cancel and wait for fills,
-// close the store. ready, if not nil, receives the listening address.
+// stop HTTP (letting responses in flight finish), stop the upload reaper,
+// cancel and wait for fills, close the store. ready, if not nil, receives the listening address.
 func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready chan<- string) error {
 	store, err := cache.Open(c.dataDir, cache.Options{Logger: log})
 	if err != nil {
@@ -172,14 +172,13 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 	}
 	fills := upstream.NewFiller(store, upstream.FillerOptions{Logger: log, Timeout: c.fillTimeout, IdleTimeout: c.fillIdle})
 	defer fills.Close()
-	var pushes *push.Manager
-	if c.push {
-		pushes, err = push.New(push.Config{Store: store, Logger: log, Prefixes: splitList(c.pushPrefix), UploadTTL: c.uploadTTL})
-		if err != nil {
-			return err
-		}
-		defer pushes.Close()
+	// Without --push, what was pushed before is still served.
+	pushes, err := push.New(push.Config{Store: store, Logger: log, Prefixes: splitList(c.pushPrefix),
+		UploadTTL: c.uploadTTL, ReadOnly: !c.push})
+	if err != nil {
+		return err
 	}
+	defer pushes.Close()
 	proxy := upstream.NewProxy(up, store, fills, upstream.ProxyOptions{Logger: log, TagTTL: c.tagTTL})
 	srv, err := mirror.New(mirror.Config{
 		Store:     store,
