@@ -158,7 +158,8 @@ func serve(args []string, stderr io.Writer) int {
 
 // serveUntil runs the mirror until ctx is done, then shuts down in order:
 // stop HTTP (letting responses in flight finish), stop the upload reaper,
-// cancel and wait for fills, close the store. ready, if not nil, receives the listening address.
+// cancel and wait for fills, close the store. ready, if not nil, receives
+// the listening address.
 func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready chan<- string) error {
 	store, err := cache.Open(c.dataDir, cache.Options{Logger: log})
 	if err != nil {
