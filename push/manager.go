@@ -10,6 +10,7 @@ package push
 
 import (
 	"errors"
+	"fmt"
 	"log/slog"
 	"strings"
 	"sync"
@@ -121,7 +122,7 @@ func (m *Manager) Reap() int {
 		m.log.Warn("reaping abandoned uploads", "err", err)
 	}
 	if n > 0 {
-		m.log.Info("reaped abandoned uploads", "files", n)
+		m.log.Info(fmt.Sprintf("reaped %d abandoned uploads", n))
 	}
 	return n
 }
