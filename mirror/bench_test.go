@@ -208,7 +208,7 @@ func BenchmarkColdFill(b *testing.B) {
 		b.ReportMetric(float64(e.up.count("GET", "/v2/team/cold/blobs/"+string(dShared))), "upstream-GETs")
 		b.ReportMetric(times[clients-1].Seconds()/single.Seconds(), "slowest/single")
 		b.ReportMetric(float64(single.Milliseconds()), "single-ms")
-		b.ReportMetric(float64((firsts[clients-1]-firsts[0]).Milliseconds()), "first-byte-spread-ms")
+		b.ReportMetric(float64((firsts[clients-1] - firsts[0]).Milliseconds()), "first-byte-spread-ms")
 		e.srv.Close()
 		e.fills.Close()
 		e.store.Close()

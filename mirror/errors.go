@@ -147,6 +147,8 @@ func toOCI(err error, kind routeKind) *ociError {
 		return e
 	case errors.Is(err, upstream.ErrRateLimited):
 		return wrapError(codeTooManyRequests, "the upstream registry is rate limiting this mirror", err)
+	case errors.Is(err, upstream.ErrForbiddenHost):
+		return wrapError(codeBadGateway, "the upstream sent this mirror to a host it will not contact", err)
 	case errors.Is(err, upstream.ErrTooLarge):
 		return wrapError(codeBadGateway, "the upstream sent a manifest over the 4 MiB limit", err)
 	case errors.Is(err, upstream.ErrBadResponse):

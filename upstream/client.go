@@ -8,12 +8,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
+	mathrand "math/rand/v2"
 	"net"
 	"net/http"
 	"net/url"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -51,9 +54,21 @@ type Config struct {
 	URL string
 	// Auth is used for token exchange and basic auth; nil is anonymous.
 	Auth authn.Authenticator
-	// Transport is the base round tripper; nil is a clone of
-	// http.DefaultTransport.
+	// Transport is the base round tripper; nil is slipway's own, which
+	// refuses to connect to loopback, private and link-local addresses
+	// unless AllowPrivate.
 	Transport http.RoundTripper
+	// AllowPrivate lets the client connect to loopback and private
+	// addresses. It is on by itself when the URL's host is such an address
+	// or "localhost".
+	AllowPrivate bool
+	// MaxConcurrent caps the requests in flight to this upstream (a blob
+	// download counts until its body is closed). Default 32.
+	MaxConcurrent int
+	// Retries is how often an idempotent request that failed with a
+	// network error or a 5xx is tried again. Default 2; negative: none.
+	Retries int
+	Logger  *slog.Logger
 }
 
 // Client talks to one upstream registry. It keeps one authenticated
@@ -61,14 +76,19 @@ type Config struct {
 // and refreshed only when it expires (the transport retries a 401 with a new
 // token).
 type Client struct {
-	reg    name.Registry
-	base   *url.URL
-	auth   authn.Authenticator
-	rt     http.RoundTripper
-	client *http.Client // for requests that need no auth setup
+	reg     name.Registry
+	base    *url.URL
+	auth    authn.Authenticator
+	rt      http.RoundTripper
+	sem     chan struct{}
+	retries int
+	log     *slog.Logger
 
-	mu         sync.Mutex
-	transports map[string]*repoTransport
+	mu           sync.Mutex
+	transports   map[string]*repoTransport
+	backoffUntil time.Time // after a 429: no requests until then
+
+	rateRemaining atomic.Int64 // Docker Hub's ratelimit-remaining, -1 unknown
 }
 
 type repoTransport struct {
@@ -95,20 +115,37 @@ func New(c Config) (*Client, error) {
 	if c.Auth == nil {
 		c.Auth = authn.Anonymous
 	}
-	if c.Transport == nil {
-		t := http.DefaultTransport.(*http.Transport).Clone()
-		t.MaxIdleConnsPerHost = 64
-		t.ResponseHeaderTimeout = 60 * time.Second
-		c.Transport = t
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
 	}
-	return &Client{
+	if c.MaxConcurrent <= 0 {
+		c.MaxConcurrent = 32
+	}
+	if c.Retries == 0 {
+		c.Retries = 2
+	} else if c.Retries < 0 {
+		c.Retries = 0
+	}
+	if c.Transport == nil {
+		c.Transport = newTransport(u, c.AllowPrivate || isPrivateHost(u.Hostname()))
+	}
+	cl := &Client{
 		reg:        reg,
 		base:       &url.URL{Scheme: u.Scheme, Host: u.Host},
 		auth:       c.Auth,
-		rt:         c.Transport,
+		rt:         &hostGuard{upstream: u.Hostname(), inner: c.Transport},
+		sem:        make(chan struct{}, c.MaxConcurrent),
+		retries:    c.Retries,
+		log:        c.Logger,
 		transports: make(map[string]*repoTransport),
-	}, nil
+	}
+	cl.rateRemaining.Store(-1)
+	return cl, nil
 }
+
+// RateLimitRemaining is the last ratelimit-remaining Docker Hub reported,
+// or -1.
+func (c *Client) RateLimitRemaining() int64 { return c.rateRemaining.Load() }
 
 // Host is the upstream's host[:port]; it names the upstream in the index.
 func (c *Client) Host() string { return c.base.Host }
@@ -160,17 +197,53 @@ func (c *Client) forget(repo string) {
 }
 
 // do sends one request for repo's kind/ref ("manifests/latest",
-// "blobs/sha256:...") and classifies a failed answer into a sentinel. On
-// success the caller owns the response body.
+// "blobs/sha256:...") and classifies a failed answer into a sentinel. Network
+// errors and 5xx are retried with backoff; after a 429 the upstream is left
+// alone for its Retry-After. On success the caller owns the response body,
+// and closing it frees the request's slot under MaxConcurrent.
 func (c *Client) do(ctx context.Context, method, repo, path string, accept []string) (*http.Response, error) {
+	var err error
+	for attempt := 0; ; attempt++ {
+		var resp *http.Response
+		resp, err = c.doOnce(ctx, method, repo, path, accept)
+		if err == nil {
+			return resp, nil
+		}
+		if attempt >= c.retries || !errors.Is(err, ErrUnavailable) || ctx.Err() != nil {
+			return nil, err
+		}
+		// 100 ms, 400 ms, ... with jitter.
+		wait := time.Duration(100<<(2*attempt)) * time.Millisecond
+		wait += time.Duration(mathrand.Int64N(int64(wait / 2)))
+		select {
+		case <-time.After(wait):
+		case <-ctx.Done():
+			return nil, err
+		}
+	}
+}
+
+func (c *Client) doOnce(ctx context.Context, method, repo, path string, accept []string) (*http.Response, error) {
+	if err := c.backingOff(); err != nil {
+		return nil, err
+	}
+	select {
+	case c.sem <- struct{}{}:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("%w: waiting for a free upstream connection: %v", ErrUnavailable, ctx.Err())
+	}
+	release := sync.OnceFunc(func() { <-c.sem })
+
 	rt, err := c.transport(ctx, repo)
 	if err != nil {
+		release()
 		return nil, err
 	}
 	u := *c.base
 	u.Path = "/v2/" + repo + "/" + path
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), nil)
 	if err != nil {
+		release()
 		return nil, fmt.Errorf("%w: %v", ErrBadResponse, err)
 	}
 	if len(accept) > 0 {
@@ -178,18 +251,80 @@ func (c *Client) do(ctx context.Context, method, repo, path string, accept []str
 	}
 	resp, err := (&http.Client{Transport: rt}).Do(req)
 	if err != nil {
+		release()
 		return nil, classify(err)
 	}
+	c.noteRateLimit(resp)
 	if resp.StatusCode == http.StatusOK {
+		resp.Body = &releaseBody{ReadCloser: resp.Body, release: release}
 		return resp, nil
 	}
+	defer release()
 	defer resp.Body.Close()
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	err = statusError(resp)
+	var rl *RateLimitError
+	if errors.As(err, &rl) {
+		c.backOff(rl.RetryAfter)
+	}
 	if errors.Is(err, ErrUnauthorized) {
 		c.forget(repo)
 	}
 	return nil, err
+}
+
+type releaseBody struct {
+	io.ReadCloser
+	release func()
+}
+
+func (b *releaseBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.release()
+	return err
+}
+
+// Backoff after a 429 without Retry-After, and the longest we honour.
+const (
+	defaultBackoff = 10 * time.Second
+	maxBackoff     = 5 * time.Minute
+)
+
+func (c *Client) backOff(d time.Duration) {
+	if d <= 0 {
+		d = defaultBackoff
+	}
+	d = min(d, maxBackoff)
+	c.mu.Lock()
+	if until := time.Now().Add(d); until.After(c.backoffUntil) {
+		c.backoffUntil = until
+	}
+	c.mu.Unlock()
+	c.log.Warn("upstream rate limited: backing off", "upstream", c.Host(), "dur", d)
+}
+
+func (c *Client) backingOff() error {
+	c.mu.Lock()
+	left := time.Until(c.backoffUntil)
+	c.mu.Unlock()
+	if left > 0 {
+		return &RateLimitError{RetryAfter: left.Round(time.Second)}
+	}
+	return nil
+}
+
+// noteRateLimit records Docker Hub's "ratelimit-remaining: 76;w=21600".
+func (c *Client) noteRateLimit(resp *http.Response) {
+	v := resp.Header.Get("Ratelimit-Remaining")
+	if v == "" {
+		return
+	}
+	n, err := strconv.ParseInt(strings.TrimSpace(strings.SplitN(v, ";", 2)[0]), 10, 64)
+	if err != nil {
+		return
+	}
+	c.rateRemaining.Store(n)
+	c.log.Info("upstream rate limit", "upstream", c.Host(), "remaining", n, "limit", resp.Header.Get("Ratelimit-Limit"))
 }
 
 // Descriptor is what a HEAD tells about a manifest or blob.
@@ -339,6 +474,9 @@ func classify(err error) error {
 	if err == nil {
 		return nil
 	}
+	if errors.Is(err, ErrForbiddenHost) {
+		return err
+	}
 	var te *transport.Error
 	if errors.As(err, &te) {
 		switch {
@@ -360,7 +498,7 @@ func classify(err error) error {
 	if errors.Is(err, context.Canceled) {
 		return err
 	}
-	for _, s := range []error{ErrNotFound, ErrUnauthorized, ErrRateLimited, ErrUnavailable, ErrTooLarge, ErrBadResponse} {
+	for _, s := range []error{ErrNotFound, ErrUnauthorized, ErrRateLimited, ErrUnavailable, ErrTooLarge, ErrBadResponse, ErrForbiddenHost} {
 		if errors.Is(err, s) {
 			return err
 		}

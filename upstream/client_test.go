@@ -128,7 +128,6 @@ func TestErrorsAreClassified(t *testing.T) {
 		w.WriteHeader(int(status.Load()))
 	}))
 	defer srv.Close()
-	c, _ := New(Config{URL: srv.URL})
 	for _, tc := range []struct {
 		status int
 		want   error
@@ -137,6 +136,7 @@ func TestErrorsAreClassified(t *testing.T) {
 		{500, ErrUnavailable}, {502, ErrUnavailable}, {503, ErrUnavailable}, {400, ErrBadResponse},
 	} {
 		status.Store(int32(tc.status))
+		c, _ := New(Config{URL: srv.URL, Retries: -1}) // a 429 makes a client back off
 		_, _, err := c.GetManifest(context.Background(), "team/app", "v1", nil)
 		if !errors.Is(err, tc.want) {
 			t.Errorf("status %d: %v, want %v", tc.status, err, tc.want)
@@ -148,6 +148,7 @@ func TestErrorsAreClassified(t *testing.T) {
 			}
 		}
 	}
+	c, _ := New(Config{URL: srv.URL})
 	srv.Close()
 	_, _, err := c.GetManifest(context.Background(), "team/app", "v1", nil)
 	if !errors.Is(err, ErrUnavailable) {
@@ -223,3 +224,133 @@ func TestInvalidURL(t *testing.T) {
 		}
 	}
 }
+
+func TestRateLimitBacksOffTheUpstream(t *testing.T) {
+	var reqs atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		reqs.Add(1)
+		w.Header().Set("Retry-After", "60")
+		w.WriteHeader(http.StatusTooManyRequests)
+	}))
+	defer srv.Close()
+	c, _ := New(Config{URL: srv.URL})
+	ctx := context.Background()
+	if _, err := c.HeadManifest(ctx, "a/b", "v1", nil); !errors.Is(err, ErrRateLimited) {
+		t.Fatalf("429: %v", err)
+	}
+	for i := 0; i < 5; i++ {
+		_, err := c.HeadManifest(ctx, "a/b", "v1", nil)
+		var rl *RateLimitError
+		if !errors.As(err, &rl) || rl.RetryAfter <= 0 || rl.RetryAfter > time.Minute {
+			t.Fatalf("while backing off: %v", err)
+		}
+	}
+	if n := reqs.Load(); n != 1 {
+		t.Errorf("the upstream got %d requests while it asked for a pause, want 1", n)
+	}
+}
+
+func TestRetriesTransientFailures(t *testing.T) {
+	var reqs atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		if reqs.Add(1) <= 2 {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return
+		}
+		w.Header().Set("Docker-Content-Digest", "sha256:"+strings.Repeat("a", 64))
+	}))
+	defer srv.Close()
+	c, _ := New(Config{URL: srv.URL})
+	if _, err := c.HeadManifest(context.Background(), "a/b", "v1", nil); err != nil {
+		t.Fatalf("after two 503s: %v", err)
+	}
+	if n := reqs.Load(); n != 3 {
+		t.Errorf("%d requests, want 3", n)
+	}
+	reqs.Store(-100) // always failing now
+	c2, _ := New(Config{URL: srv.URL, Retries: -1})
+	reqs.Store(0)
+	c2.HeadManifest(context.Background(), "a/b", "v1", nil)
+	if n := reqs.Load(); n != 1 {
+		t.Errorf("Retries -1 sent %d requests, want 1", n)
+	}
+}
+
+func TestMaxConcurrentCapsUpstreamRequests(t *testing.T) {
+	release := make(chan struct{})
+	var inFlight, peak atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		n := inFlight.Add(1)
+		defer inFlight.Add(-1)
+		for {
+			p := peak.Load()
+			if n <= p || peak.CompareAndSwap(p, n) {
+				break
+			}
+		}
+		w.Header().Set("Content-Length", "1")
+		w.(http.Flusher).Flush()
+		<-release
+		io.WriteString(w, "x")
+	}))
+	defer srv.Close()
+	c, _ := New(Config{URL: srv.URL, MaxConcurrent: 2})
+	d := digestOf("x")
+	var bodies []io.ReadCloser
+	for i := 0; i < 2; i++ {
+		b, _, err := c.GetBlob(context.Background(), "a/b", d)
+		if err != nil {
+			t.Fatal(err)
+		}
+		bodies = append(bodies, b)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	if _, _, err := c.GetBlob(ctx, "a/b", d); !errors.Is(err, ErrUnavailable) {
+		t.Errorf("a third request with two bodies open: %v, want to wait and give up", err)
+	}
+	close(release)
+	for _, b := range bodies {
+		io.ReadAll(b)
+		b.Close()
+	}
+	b, _, err := c.GetBlob(context.Background(), "a/b", d)
+	if err != nil {
+		t.Fatalf("after the bodies were closed: %v", err)
+	}
+	b.Close()
+	if p := peak.Load(); p > 2 {
+		t.Errorf("peak of %d concurrent upstream requests, cap 2", p)
+	}
+}
+
+func TestDockerHubRateLimitRemainingRecorded(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("ratelimit-limit", "100;w=21600")
+		w.Header().Set("ratelimit-remaining", "76;w=21600")
+		w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+		io.WriteString(w, "{}")
+	}))
+	defer srv.Close()
+	c, _ := New(Config{URL: srv.URL})
+	if c.RateLimitRemaining() != -1 {
+		t.Error("unknown remaining should be -1")
+	}
+	if _, _, err := c.GetManifest(context.Background(), "a/b", "v1", nil); err != nil {
+		t.Fatal(err)
+	}
+	if n := c.RateLimitRemaining(); n != 76 {
+		t.Errorf("remaining %d, want 76", n)
+	}
+}
+
+func digestOf(s string) digest.Digest { return digest.FromString(s) }

@@ -109,7 +109,8 @@ func TestCloseCancelsFillsAndStoresNothing(t *testing.T) {
 		t.Errorf("fetch after Close: %v, want ErrUnavailable", err)
 	}
 	srv.CloseClientConnections()
-	c.rt.(*http.Transport).CloseIdleConnections()
+	c.rt.(*hostGuard).inner.(*http.Transport).CloseIdleConnections()
+	store.Close() // badger's own goroutines
 	waitGoroutines(t, before)
 }
 
