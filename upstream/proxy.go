@@ -38,20 +38,28 @@ type ProxyOptions struct {
 	TagTTL time.Duration
 	// ManifestTimeout bounds one manifest fetch. Default 60 seconds.
 	ManifestTimeout time.Duration
+	// NegativeTTL is how long an upstream's "not found" for a tag, digest
+	// or blob is remembered. Default 15 seconds; negative: not at all.
+	NegativeTTL time.Duration
+	// StaleOn404 serves a cached tag when the upstream says it no longer
+	// exists (default: the 404 is passed on).
+	StaleOn404 bool
 	// Now is the clock; tests inject one. Default time.Now.
 	Now func() time.Time
 }
 
 // Proxy serves one upstream's repositories through the cache.
 type Proxy struct {
-	up      *Client
-	store   *cache.Store
-	fills   *Filler
-	log     *slog.Logger
-	tagTTL  time.Duration
-	timeout time.Duration
-	now     func() time.Time
-	flights singleflight.Group
+	up       *Client
+	store    *cache.Store
+	fills    *Filler
+	log      *slog.Logger
+	tagTTL   time.Duration
+	timeout  time.Duration
+	now      func() time.Time
+	flights  singleflight.Group
+	neg      *negativeCache
+	stale404 bool
 }
 
 // NewProxy serves up through store, filling blobs with fills (shared by
@@ -69,9 +77,26 @@ func NewProxy(up *Client, store *cache.Store, fills *Filler, o ProxyOptions) *Pr
 	if o.Now == nil {
 		o.Now = time.Now
 	}
+	if o.NegativeTTL == 0 {
+		o.NegativeTTL = 15 * time.Second
+	}
 	return &Proxy{up: up, store: store, fills: fills, log: o.Logger,
-		tagTTL: o.TagTTL, timeout: o.ManifestTimeout, now: o.Now}
+		tagTTL: o.TagTTL, timeout: o.ManifestTimeout, now: o.Now,
+		neg: newNegativeCache(o.NegativeTTL, o.Now), stale404: o.StaleOn404}
 }
+
+// errRemembered answers from the negative cache.
+var errRemembered = fmt.Errorf("%w (the upstream said so a moment ago)", ErrNotFound)
+
+// remember records a "not found" from the upstream under key.
+func (p *Proxy) remember(key string, err error) error {
+	if errors.Is(err, ErrNotFound) {
+		p.neg.add(key)
+	}
+	return err
+}
+
+func negKey(kind, repo, ref string) string { return kind + "\x00" + repo + "\x00" + ref }
 
 // Upstream is the proxied registry's client.
 func (p *Proxy) Upstream() *Client { return p.up }
@@ -93,7 +118,12 @@ func (p *Proxy) Blob(ctx context.Context, repo string, d digest.Digest) (*Blob, 
 	if !errors.Is(err, cache.ErrNotFound) {
 		return nil, err
 	}
-	return p.fills.fetch(ctx, p.up, repo, d)
+	key := negKey("b", repo, string(d))
+	if p.neg.has(key) {
+		return nil, errRemembered
+	}
+	b, err := p.fills.fetch(ctx, p.up, repo, d)
+	return b, p.remember(key, err)
 }
 
 // HeadBlob says whether repo has blob d and its size. An uncached blob is
@@ -104,8 +134,12 @@ func (p *Proxy) HeadBlob(ctx context.Context, repo string, d digest.Digest) (Des
 			return Descriptor{Digest: d, Size: info.Size}, SourceHit, nil
 		}
 	}
+	key := negKey("b", repo, string(d))
+	if p.neg.has(key) {
+		return Descriptor{}, "", errRemembered
+	}
 	desc, err := p.up.HeadBlob(ctx, repo, d)
-	return desc, SourceUpstream, err
+	return desc, SourceUpstream, p.remember(key, err)
 }
 
 // Manifest returns manifest ref (a tag or a digest) of repo. A digest is
@@ -129,11 +163,15 @@ func (p *Proxy) manifestByDigest(ctx context.Context, repo string, d digest.Dige
 	} else if !errors.Is(err, cache.ErrNotFound) {
 		return cache.Manifest{}, "", err
 	}
+	key := negKey("m", repo, string(d))
+	if p.neg.has(key) {
+		return cache.Manifest{}, "", errRemembered
+	}
 	v, shared, err := p.flight(ctx, "d\x00"+repo+"\x00"+string(d), func(ctx context.Context) (any, error) {
 		return p.fetchManifest(ctx, repo, string(d), withAll(accept))
 	})
 	if err != nil {
-		return cache.Manifest{}, "", err
+		return cache.Manifest{}, "", p.remember(key, err)
 	}
 	return v.(cache.Manifest), sourceOf(shared), nil
 }
@@ -159,12 +197,16 @@ func (p *Proxy) manifestByTag(ctx context.Context, repo, tag string, accept []st
 	if ok && p.now().Sub(t.FetchedAt) < p.tagTTL {
 		return cached, SourceHit, nil
 	}
+	nkey := negKey("m", repo, tag)
+	if !ok && p.neg.has(nkey) {
+		return cache.Manifest{}, "", errRemembered
+	}
 	key := "t\x00" + repo + "\x00" + tag + "\x00" + strings.Join(accept, ",")
 	v, shared, err := p.flight(ctx, key, func(ctx context.Context) (any, error) {
 		return p.revalidate(ctx, repo, tag, accept, cached, ok)
 	})
 	if err != nil {
-		return cache.Manifest{}, "", err
+		return cache.Manifest{}, "", p.remember(nkey, err)
 	}
 	r := v.(tagResult)
 	if shared && r.src == SourceMiss {
@@ -198,7 +240,7 @@ func (p *Proxy) revalidate(ctx context.Context, repo, tag string, accept []strin
 			return tagResult{cached, SourceRevalidated}, nil
 		case err == nil:
 			// The tag moved (or the upstream did not say where): fetch it.
-		case Staleable(err):
+		case p.staleable(err):
 			p.log.Warn("serving stale tag", "upstream", p.ns(), "repo", repo, "ref", tag, "digest", cached.Digest, "err", err)
 			return tagResult{cached, SourceStale}, nil
 		default:
@@ -207,7 +249,7 @@ func (p *Proxy) revalidate(ctx context.Context, repo, tag string, accept []strin
 	}
 	m, err := p.fetchManifest(ctx, repo, tag, accept)
 	if err != nil {
-		if haveCached && Staleable(err) {
+		if haveCached && p.staleable(err) {
 			p.log.Warn("serving stale tag", "upstream", p.ns(), "repo", repo, "ref", tag, "digest", cached.Digest, "err", err)
 			return tagResult{cached, SourceStale}, nil
 		}
@@ -257,12 +299,20 @@ func (p *Proxy) HeadManifest(ctx context.Context, repo, ref string, accept []str
 			}
 			return descOf(m), SourceHit, nil
 		}
+		key := negKey("m", repo, ref)
+		if p.neg.has(key) {
+			return Descriptor{}, "", errRemembered
+		}
 		desc, err := p.up.HeadManifest(ctx, repo, ref, withAll(accept))
-		return desc, SourceUpstream, err
+		return desc, SourceUpstream, p.remember(key, err)
 	}
 	cached, t, ok := p.cachedTag(repo, ref, accept)
 	if ok && p.now().Sub(t.FetchedAt) < p.tagTTL {
 		return descOf(cached), SourceHit, nil
+	}
+	nkey := negKey("m", repo, ref)
+	if !ok && p.neg.has(nkey) {
+		return Descriptor{}, "", errRemembered
 	}
 	desc, err := p.up.HeadManifest(ctx, repo, ref, accept)
 	switch {
@@ -273,11 +323,11 @@ func (p *Proxy) HeadManifest(ctx context.Context, repo, ref string, accept []str
 		return descOf(cached), SourceRevalidated, nil
 	case err == nil:
 		return desc, SourceUpstream, nil
-	case ok && Staleable(err):
+	case ok && p.staleable(err):
 		p.log.Warn("serving stale tag", "upstream", p.ns(), "repo", repo, "ref", ref, "digest", cached.Digest, "err", err)
 		return descOf(cached), SourceStale, nil
 	}
-	return Descriptor{}, "", err
+	return Descriptor{}, "", p.remember(nkey, err)
 }
 
 func descOf(m cache.Manifest) Descriptor {
@@ -305,6 +355,11 @@ func sourceOf(shared bool) Source {
 		return SourceJoined
 	}
 	return SourceMiss
+}
+
+// staleable is Staleable, plus "not found" when StaleOn404 is set.
+func (p *Proxy) staleable(err error) bool {
+	return Staleable(err) || (p.stale404 && errors.Is(err, ErrNotFound))
 }
 
 // Staleable reports whether err is an upstream failure that a cached tag
