@@ -71,6 +71,10 @@ type serveConfig struct {
 	push            bool
 	pushPrefix      string
 	uploadTTL       time.Duration
+	configPath      string
+
+	file        *fileConfig // the config file's contents, if any
+	upstreamSet bool        // --upstream or SLIPWAY_UPSTREAM was given
 }
 
 // serveFlags declares serve's flags. Each flag has an environment twin,
@@ -92,11 +96,45 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.BoolVar(&c.push, "push", true, "accept pushes into local repositories")
 	fs.StringVar(&c.pushPrefix, "push-prefix", "", "comma-separated repository prefixes that may be pushed to (and are always local); empty: any name not proxied")
 	fs.DurationVar(&c.uploadTTL, "upload-ttl", 24*time.Hour, "remove an unfinished upload after it sat unused this long")
+	fs.StringVar(&c.configPath, "config", "", "YAML config file: upstreams, credentials, and any of these flags (see README)")
 	return fs, c
 }
 
 func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
+	// First pass: only to find --config (or SLIPWAY_CONFIG).
+	probe, pc := serveFlags(io.Discard)
+	applyEnv(probe)
+	probe.Parse(args)
+
 	fs, c := serveFlags(stderr)
+	if pc.configPath != "" {
+		fc, err := loadConfigFile(pc.configPath, fs)
+		if err != nil {
+			return nil, err
+		}
+		c.file = fc
+	}
+	if err := applyEnv(fs); err != nil {
+		return nil, err
+	}
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	if fs.NArg() > 0 {
+		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	_, c.upstreamSet = os.LookupEnv("SLIPWAY_UPSTREAM")
+	fs.Visit(func(f *flag.Flag) {
+		if f.Name == "upstream" {
+			c.upstreamSet = true
+		}
+	})
+	return c, nil
+}
+
+// applyEnv sets each flag from its environment twin, SLIPWAY_<FLAG> with
+// dashes as underscores.
+func applyEnv(fs *flag.FlagSet) error {
 	var envErr error
 	fs.VisitAll(func(f *flag.Flag) {
 		env := "SLIPWAY_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
@@ -106,16 +144,7 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 			}
 		}
 	})
-	if envErr != nil {
-		return nil, envErr
-	}
-	if err := fs.Parse(args); err != nil {
-		return nil, err
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
-	}
-	return c, nil
+	return envErr
 }
 
 func newLogger(format, level string, w io.Writer) (*slog.Logger, error) {
@@ -167,7 +196,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 	}
 	defer store.Close()
 
-	up, err := upstream.New(upstream.Config{URL: c.upstream})
+	specs, def, err := upstreamSpecs(c)
 	if err != nil {
 		return err
 	}
@@ -180,10 +209,27 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 		return err
 	}
 	defer pushes.Close()
-	proxy := upstream.NewProxy(up, store, fills, upstream.ProxyOptions{Logger: log, TagTTL: c.tagTTL})
+	var ups []mirror.Upstream
+	for _, sp := range specs {
+		up, err := upstream.New(upstream.Config{URL: sp.url, Auth: sp.auth, AllowPrivate: sp.allowPrivate,
+			MaxConcurrent: sp.maxConc, Logger: log})
+		if err != nil {
+			return fmt.Errorf("upstream %q: %w", sp.name, err)
+		}
+		proxy := upstream.NewProxy(up, store, fills, upstream.ProxyOptions{Logger: log, TagTTL: sp.tagTTL,
+			NegativeTTL: sp.negativeTTL, StaleOn404: sp.staleOn404})
+		names := append([]string{}, sp.aliases...)
+		if !strings.Contains(sp.name, "/") {
+			names = append(names, sp.name)
+		}
+		ups = append(ups, mirror.Upstream{Proxy: proxy, Names: names, DockerHub: isDockerHub(sp.url)})
+		log.Info("upstream", "upstream", sp.name, "url", up.URL(), "aliases", strings.Join(names, ","),
+			"auth", sp.auth != nil, "default", len(ups)-1 == def)
+	}
 	srv, err := mirror.New(mirror.Config{
 		Store:     store,
-		Upstreams: []mirror.Upstream{{Proxy: proxy, DockerHub: isDockerHub(c.upstream)}},
+		Upstreams: ups,
+		Default:   def,
 		Logger:    log,
 		Push:      pushes,
 	})
@@ -204,7 +250,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 	}
 	errc := make(chan error, 1)
 	go func() { errc <- hs.Serve(ln) }()
-	log.Info("slipway serving", "addr", ln.Addr().String(), "upstream", up.URL(), "data_dir", c.dataDir, "version", version)
+	log.Info("slipway serving", "addr", ln.Addr().String(), "data_dir", c.dataDir, "version", version)
 	if ready != nil {
 		ready <- ln.Addr().String()
 	}
