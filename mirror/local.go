@@ -58,11 +58,13 @@ func (s *Server) getTags(c echo.Context, r route) error {
 	if err != nil {
 		return err
 	}
-	if !t.local {
-		return newError(codeUnsupported, "listing the tags of a proxied repository is not supported")
-	}
 	n, last := pageParams(c)
-	tags, err := s.push.Tags(t.repo, last, pageFetch(n))
+	var tags []string
+	if t.local {
+		tags, err = s.push.Tags(t.repo, last, pageFetch(n))
+	} else {
+		tags, err = t.up.Proxy.Tags(c.Request().Context(), t.repo, pageFetch(n), last)
+	}
 	if err != nil {
 		return err
 	}

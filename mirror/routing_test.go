@@ -301,3 +301,32 @@ func TestMissingImageStormAsksTheUpstreamOnce(t *testing.T) {
 		t.Errorf("10 pulls of a missing tag made %d upstream GETs, want 1", n)
 	}
 }
+
+func TestTagsListOfAProxiedRepository(t *testing.T) {
+	e := newRouteEnv(t, "secret")
+	for _, tag := range []string{"a", "b", "c"} {
+		seed(t, e.quay, "team/app:"+tag)
+	}
+	var list struct {
+		Name string
+		Tags []string
+	}
+	resp := do(t, http.MethodGet, e.srv.URL+"/v2/quay.io/team/app/tags/list", nil)
+	if err := json.NewDecoder(resp.Body).Decode(&list); err != nil || resp.StatusCode != 200 {
+		t.Fatalf("%d %v", resp.StatusCode, err)
+	}
+	if strings.Join(list.Tags, ",") != "a,b,c" || list.Name != "quay.io/team/app" {
+		t.Errorf("tags %+v", list)
+	}
+	resp = do(t, http.MethodGet, e.srv.URL+"/v2/quay.io/team/app/tags/list?n=2", nil)
+	json.NewDecoder(resp.Body).Decode(&list)
+	if strings.Join(list.Tags, ",") != "a,b" || !strings.Contains(resp.Header.Get("Link"), "last=b") {
+		t.Errorf("page 1: %v, Link %q", list.Tags, resp.Header.Get("Link"))
+	}
+	resp = do(t, http.MethodGet, e.srv.URL+"/v2/quay.io/team/app/tags/list?n=2&last=b", nil)
+	json.NewDecoder(resp.Body).Decode(&list)
+	if strings.Join(list.Tags, ",") != "c" || resp.Header.Get("Link") != "" {
+		t.Errorf("page 2: %v, Link %q", list.Tags, resp.Header.Get("Link"))
+	}
+	expectError(t, http.MethodGet, e.srv.URL+"/v2/quay.io/team/none/tags/list", nil, http.StatusNotFound, "NAME_UNKNOWN")
+}

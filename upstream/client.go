@@ -5,6 +5,7 @@ package upstream
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -240,6 +241,7 @@ func (c *Client) doOnce(ctx context.Context, method, repo, path string, accept [
 		return nil, err
 	}
 	u := *c.base
+	path, u.RawQuery, _ = strings.Cut(path, "?")
 	u.Path = "/v2/" + repo + "/" + path
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), nil)
 	if err != nil {
@@ -418,6 +420,37 @@ func (c *Client) GetBlob(ctx context.Context, repo string, d digest.Digest) (bod
 	return resp.Body, resp.ContentLength, nil
 }
 
+// Tags lists repo's tags on the upstream: n at most (n <= 0: what the
+// upstream gives in one page) after last.
+func (c *Client) Tags(ctx context.Context, repo string, n int, last string) ([]string, error) {
+	q := url.Values{}
+	if n > 0 {
+		q.Set("n", strconv.Itoa(n))
+	}
+	if last != "" {
+		q.Set("last", last)
+	}
+	path := "tags/list"
+	if len(q) > 0 {
+		path += "?" + q.Encode()
+	}
+	resp, err := c.do(ctx, http.MethodGet, repo, path, nil)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	var list struct {
+		Tags []string `json:"tags"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, MaxManifestSize)).Decode(&list); err != nil {
+		return nil, fmt.Errorf("%w: tags list: %v", ErrBadResponse, err)
+	}
+	if list.Tags == nil {
+		list.Tags = []string{}
+	}
+	return list.Tags, nil
+}
+
 func acceptOrAll(accept []string) []string {
 	if len(accept) == 0 {
 		return ManifestTypes
@@ -431,7 +464,7 @@ func sniffMediaType(b []byte) string {
 	var m struct {
 		MediaType string `json:"mediaType"`
 	}
-	if jsonUnmarshal(b, &m) == nil && m.MediaType != "" {
+	if json.Unmarshal(b, &m) == nil && m.MediaType != "" {
 		return m.MediaType
 	}
 	return "application/vnd.oci.image.manifest.v1+json"

@@ -120,7 +120,7 @@ func TestIdleUpstreamTimesOutAndNextFetchRetries(t *testing.T) {
 	srv, gets := stallingUpstream(t, d, b, release)
 	store := newTestStore(t)
 	c, _ := New(Config{URL: srv.URL})
-	f := NewFiller(store, FillerOptions{IdleTimeout: 200 * time.Millisecond})
+	f := NewFiller(store, FillerOptions{IdleTimeout: time.Second})
 	defer f.Close()
 	p := NewProxy(c, store, f, ProxyOptions{})
 

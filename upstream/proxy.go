@@ -2,7 +2,6 @@ package upstream
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,7 +15,6 @@ import (
 	"slipway/cache"
 )
 
-var jsonUnmarshal = json.Unmarshal
 
 // Source says how a request was answered; it goes into logs and metrics.
 type Source string
@@ -124,6 +122,12 @@ func (p *Proxy) Blob(ctx context.Context, repo string, d digest.Digest) (*Blob, 
 	}
 	b, err := p.fills.fetch(ctx, p.up, repo, d)
 	return b, p.remember(key, err)
+}
+
+// Tags lists repo's tags on the upstream (not cached: a tag list is only
+// as good as it is fresh).
+func (p *Proxy) Tags(ctx context.Context, repo string, n int, last string) ([]string, error) {
+	return p.up.Tags(ctx, repo, n, last)
 }
 
 // HeadBlob says whether repo has blob d and its size. An uncached blob is
