@@ -150,4 +150,3 @@ func cpuSeconds(b *testing.B, pid int) float64 {
 	st, _ := strconv.ParseFloat(f[12], 64)
 	return (ut + st) / 100 // USER_HZ
 }
-
