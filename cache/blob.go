@@ -347,6 +347,25 @@ func (r *follower) Read(p []byte) (int, error) {
 	if len(p) == 0 {
 		return 0, nil
 	}
+	visible, err := r.wait()
+	if err != nil {
+		return 0, err
+	}
+	n := int64(len(p))
+	if rest := visible - r.off; rest < n {
+		n = rest
+	}
+	m, err := r.f.ReadAt(p[:n], r.off)
+	r.off += int64(m)
+	if err == io.EOF && m > 0 {
+		err = nil
+	}
+	return m, err
+}
+
+// wait blocks until there are bytes past r.off to read, and returns how far
+// they go; io.EOF once the blob is complete and read.
+func (r *follower) wait() (int64, error) {
 	for {
 		r.w.mu.Lock()
 		visible, final, err, changed := r.w.visible, r.w.final, r.w.err, r.w.changed
@@ -355,16 +374,7 @@ func (r *follower) Read(p []byte) (int, error) {
 			return 0, err
 		}
 		if r.off < visible {
-			n := int64(len(p))
-			if rest := visible - r.off; rest < n {
-				n = rest
-			}
-			m, err := r.f.ReadAt(p[:n], r.off)
-			r.off += int64(m)
-			if err == io.EOF && m > 0 {
-				err = nil
-			}
-			return m, err
+			return visible, nil
 		}
 		if final {
 			return 0, io.EOF
@@ -373,6 +383,35 @@ func (r *follower) Read(p []byte) (int, error) {
 		case <-changed:
 		case <-r.ctx.Done():
 			return 0, r.ctx.Err()
+		}
+	}
+}
+
+// WriteTo sends the blob to w as it grows. When w can read from a file
+// (an http.ResponseWriter), each stretch goes out as a file section, which
+// the kernel copies with sendfile(2).
+func (r *follower) WriteTo(w io.Writer) (int64, error) {
+	rf, ok := w.(io.ReaderFrom)
+	if !ok {
+		return io.Copy(w, struct{ io.Reader }{r})
+	}
+	var total int64
+	for {
+		visible, err := r.wait()
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+		if _, err := r.f.Seek(r.off, io.SeekStart); err != nil {
+			return total, err
+		}
+		n, err := rf.ReadFrom(&io.LimitedReader{R: r.f, N: visible - r.off})
+		r.off += n
+		total += n
+		if err != nil {
+			return total, err
 		}
 	}
 }

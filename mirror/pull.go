@@ -5,7 +5,6 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -132,28 +131,14 @@ func streamBlob(c echo.Context, d digest.Digest, r io.Reader, size int64) error 
 	h := c.Response().Header()
 	setDescriptorHeaders(h, d, size, "application/octet-stream")
 	c.Response().WriteHeader(http.StatusOK)
-	bufp := streamBufs.Get().(*[]byte)
-	defer streamBufs.Put(bufp)
-	_, err := io.CopyBuffer(flushWriter{c.Response()}, r, *bufp)
+	// The fill's reader sends each stretch through sendfileWriter.ReadFrom,
+	// so bytes leave as they arrive, copied by the kernel.
+	_, err := io.Copy(sendfileWriter{c.Response()}, r)
 	if err != nil {
 		c.Set(ctxError, err)
 		panic(http.ErrAbortHandler)
 	}
 	return nil
-}
-
-var streamBufs = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
-
-// flushWriter flushes after each write, so a client following a slow fill
-// gets bytes as they arrive rather than when a buffer fills.
-type flushWriter struct{ r *echo.Response }
-
-func (w flushWriter) Write(p []byte) (int, error) {
-	n, err := w.r.Write(p)
-	if err == nil {
-		w.r.Flush()
-	}
-	return n, err
 }
 
 // headBlob answers whether a blob exists and its size. An uncached blob is
