@@ -15,7 +15,6 @@ import (
 	"slipway/cache"
 )
 
-
 // Source says how a request was answered; it goes into logs and metrics.
 type Source string
 
