@@ -36,18 +36,38 @@ func (s *Store) StatBlob(d digest.Digest) (BlobInfo, error) {
 // OpenBlob opens a stored blob for reading. The caller closes the file. A
 // blob whose index entry exists but whose file is gone is ErrNotFound (the
 // next fill stores it again).
+//
+// Opening a blob counts as a use (Touch), and eviction leaves the blob alone
+// until the file is closed.
 func (s *Store) OpenBlob(d digest.Digest) (*os.File, BlobInfo, error) {
+	f, info, err := s.openBlob(d)
+	if errors.Is(err, ErrNotFound) {
+		s.life.misses.Add(1)
+	}
+	return f, info, err
+}
+
+func (s *Store) openBlob(d digest.Digest) (*os.File, BlobInfo, error) {
 	info, err := s.StatBlob(d)
 	if err != nil {
 		return nil, BlobInfo{}, err
 	}
+	// Under d's lock, eviction cannot remove the file between open and
+	// the reader being counted.
+	unlock := s.locks.Lock(string(d))
 	f, err := os.Open(s.blobPath(d))
+	if err == nil {
+		s.trackReader(d, f)
+	}
+	unlock()
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, BlobInfo{}, fmt.Errorf("blob file of %s is missing: %w", d, ErrNotFound)
 	}
 	if err != nil {
 		return nil, BlobInfo{}, fmt.Errorf("cache: %w", err)
 	}
+	s.life.hits.Add(1)
+	s.Touch(d)
 	return f, info, nil
 }
 
@@ -76,6 +96,7 @@ func (s *Store) PutBlob(r io.Reader, d digest.Digest, origin Origin) error {
 type BlobWriter struct {
 	s        *Store
 	f        *os.File
+	out      io.Writer // f, or what Options.WrapWrite made of it
 	alg      digest.Algorithm
 	digester digest.Digester
 
@@ -86,6 +107,7 @@ type BlobWriter struct {
 	final   bool          // visible == written and no more bytes will come
 	err     error         // set when the write failed or was canceled
 	changed chan struct{} // closed and replaced whenever the above change
+	readers []*os.File    // followers' files, counted as readers once committed
 }
 
 // NewBlobWriter starts a blob whose digest will use alg (sha256 if empty).
@@ -101,9 +123,16 @@ func (s *Store) NewBlobWriter(alg digest.Algorithm) (*BlobWriter, error) {
 		return nil, err
 	}
 	return &BlobWriter{
-		s: s, f: f, alg: alg, digester: alg.Digester(),
+		s: s, f: f, out: s.wrapWrite(f), alg: alg, digester: alg.Digester(),
 		path: path, changed: make(chan struct{}),
 	}, nil
+}
+
+func (s *Store) wrapWrite(f *os.File) io.Writer {
+	if s.opt.WrapWrite != nil {
+		return s.opt.WrapWrite(f)
+	}
+	return f
 }
 
 func (s *Store) createTemp() (string, *os.File, error) {
@@ -131,7 +160,7 @@ func (w *BlobWriter) Write(p []byte) (int, error) {
 	if done {
 		return 0, errors.New("cache: write after commit")
 	}
-	n, err := w.f.Write(p)
+	n, err := w.out.Write(p)
 	w.digester.Hash().Write(p[:n])
 	w.mu.Lock()
 	w.written += int64(n)
@@ -141,7 +170,7 @@ func (w *BlobWriter) Write(p []byte) (int, error) {
 	w.notifyLocked()
 	w.mu.Unlock()
 	if err != nil {
-		err = fmt.Errorf("cache: write temp file: %w", err)
+		err = w.s.writeErr("write temp file", err)
 		w.Abort(err)
 	}
 	return n, err
@@ -246,7 +275,7 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 	}
 
 	if err := w.f.Sync(); err != nil {
-		return fmt.Errorf("cache: fsync: %w", err)
+		return s.writeErr("fsync", err)
 	}
 	dir := filepath.Dir(final)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
@@ -265,7 +294,21 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 		return err
 	}
 	w.f.Close()
-	return s.set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: size, Origin: origin, StoredAt: s.now()}))
+	_, statErr := s.StatBlob(d)
+	if err := s.set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: size, Origin: origin, StoredAt: s.now()})); err != nil {
+		return err
+	}
+	if errors.Is(statErr, ErrNotFound) {
+		s.addSize(size)
+	}
+	// Followers read the file now in place: they are its readers.
+	w.mu.Lock()
+	for _, f := range w.readers {
+		s.trackReader(d, f)
+	}
+	w.readers = nil
+	w.mu.Unlock()
+	return nil
 }
 
 // dropTemp removes the temp file because an identical blob is already at final.
@@ -333,6 +376,7 @@ func (w *BlobWriter) Follow(ctx context.Context) (io.ReadCloser, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache: follow: %w", err)
 	}
+	w.readers = append(w.readers, f)
 	return &follower{w: w, f: f, ctx: ctx}, nil
 }
 

@@ -62,6 +62,7 @@ func keyReferrerPrefix(ns, repo string, subject digest.Digest) []byte {
 	return append(join(prefixReferrer, ns, repo, string(subject)), 0)
 }
 func keyLinkPrefix(ns, repo string) []byte { return append(join(prefixLink, ns, repo), 0) }
+func keyAccess(d digest.Digest) []byte     { return join(prefixAccess, string(d)) }
 
 func join(prefix byte, parts ...string) []byte {
 	n := 1

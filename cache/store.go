@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"io"
 	"path/filepath"
 	"sync"
 	"time"
@@ -28,6 +29,10 @@ var (
 	ErrSizeMismatch   = errors.New("cache: content does not match size")
 	ErrClosed         = errors.New("cache: store is closed")
 	ErrCanceled       = errors.New("cache: write canceled")
+	// ErrNoSpace is a write that failed because the disk is full. The
+	// write's temp file is gone, the index is untouched, and an eviction
+	// pass has been asked for.
+	ErrNoSpace = errors.New("cache: no space left on device")
 )
 
 // Options tune a Store. The zero value is usable.
@@ -38,6 +43,28 @@ type Options struct {
 	GCInterval time.Duration
 	// Now is the clock; tests inject one. Default time.Now.
 	Now func() time.Time
+
+	// MaxSize is the budget for blob bytes; 0: no budget, nothing is
+	// evicted. When the blobs pass HighWatermark*MaxSize, the least
+	// recently used pulled blobs are evicted down to LowWatermark*MaxSize.
+	MaxSize int64
+	// LowWatermark and HighWatermark are fractions of MaxSize. Defaults
+	// 0.90 and 0.95.
+	LowWatermark, HighWatermark float64
+	// Pins are never evicted (nor is pushed content).
+	Pins []Pin
+	// GCGrace is how long a blob no manifest references is kept before GC
+	// removes it (a push sends layers before their manifest). Default 24h.
+	GCGrace time.Duration
+	// GCEvery is how often the unreferenced-blob GC runs; default 1 hour,
+	// negative: never (slipway gc, or Store.GC, still work).
+	GCEvery time.Duration
+	// MaintenanceInterval is how often access times are flushed and the
+	// budget is checked. Default 30 seconds.
+	MaintenanceInterval time.Duration
+	// WrapWrite, if set, wraps every file a blob or upload is written to:
+	// tests inject failing writers (a full disk) with it.
+	WrapWrite func(io.Writer) io.Writer
 }
 
 // Store is the content-addressed store. It is safe for concurrent use.
@@ -47,6 +74,9 @@ type Store struct {
 	log   *slog.Logger
 	now   func() time.Time
 	locks keyedMutex
+	opt   Options
+
+	life lifecycle
 
 	stop      chan struct{}
 	wg        sync.WaitGroup
@@ -64,6 +94,24 @@ func Open(dir string, opt Options) (*Store, error) {
 	}
 	if opt.Now == nil {
 		opt.Now = time.Now
+	}
+	if opt.LowWatermark <= 0 || opt.LowWatermark > 1 {
+		opt.LowWatermark = 0.90
+	}
+	if opt.HighWatermark <= 0 || opt.HighWatermark > 1 {
+		opt.HighWatermark = 0.95
+	}
+	if opt.LowWatermark > opt.HighWatermark {
+		opt.LowWatermark = opt.HighWatermark
+	}
+	if opt.GCGrace <= 0 {
+		opt.GCGrace = 24 * time.Hour
+	}
+	if opt.GCEvery == 0 {
+		opt.GCEvery = time.Hour
+	}
+	if opt.MaintenanceInterval <= 0 {
+		opt.MaintenanceInterval = 30 * time.Second
 	}
 	for _, sub := range []string{"blobs", "tmp", "index"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
@@ -88,18 +136,30 @@ func Open(dir string, opt Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache: open index: %w", err)
 	}
-	s := &Store{dir: dir, db: db, log: opt.Logger, now: opt.Now, stop: make(chan struct{})}
-	s.wg.Add(1)
+	s := &Store{dir: dir, db: db, log: opt.Logger, now: opt.Now, opt: opt, stop: make(chan struct{})}
+	s.life.init()
+	// Recovery runs before anything can write: no fill or push is live, so
+	// every temp file that no upload session owns is a leftover.
+	if _, err := s.recover(); err != nil {
+		db.Close()
+		return nil, err
+	}
+	s.wg.Add(2)
 	go s.gcLoop(opt.GCInterval)
+	go s.maintain()
 	return s, nil
 }
 
-// Close stops the maintenance loop and closes the index. It is safe to call
+// Close stops the maintenance loops (waiting for a pass in progress),
+// flushes access times and closes the index. It is safe to call
 // more than once; later calls return the first call's result.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
 		close(s.stop)
 		s.wg.Wait()
+		if err := s.flushAccess(); err != nil {
+			s.log.Warn("flush access times", "err", err)
+		}
 		s.closeErr = s.db.Close()
 	})
 	return s.closeErr

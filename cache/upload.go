@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -181,7 +182,12 @@ func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int
 	}
 	bufp := uploadBufs.Get().(*[]byte)
 	defer uploadBufs.Put(bufp)
-	n, err := io.CopyBuffer(io.MultiWriter(f, h), r, *bufp)
+	n, err := io.CopyBuffer(io.MultiWriter(s.wrapWrite(f), h), r, *bufp)
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		// The upload stays as it was (the next chunk truncates what
+		// this one left); the disk needs room first.
+		return s.writeErr("append upload", err)
+	}
 	if err != nil {
 		return err
 	}
@@ -190,7 +196,7 @@ func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int
 	}
 	// The state says Size bytes are there: make it true across a crash.
 	if err := f.Sync(); err != nil {
-		return fmt.Errorf("cache: fsync: %w", err)
+		return s.writeErr("fsync", err)
 	}
 	state, err := h.(encoding.BinaryMarshaler).MarshalBinary()
 	if err != nil {
@@ -259,7 +265,7 @@ func (s *Store) commitUpload(u uploadState, d digest.Digest, origin Origin) erro
 		return err
 	}
 	w := &BlobWriter{
-		s: s, f: f, alg: digest.SHA256, digester: hashDigester{digest.SHA256, h},
+		s: s, f: f, out: f, alg: digest.SHA256, digester: hashDigester{digest.SHA256, h},
 		path: path, written: u.Size, changed: make(chan struct{}),
 	}
 	defer w.Cancel()

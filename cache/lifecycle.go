@@ -1,0 +1,293 @@
+package cache
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/dgraph-io/badger/v4"
+	"github.com/opencontainers/go-digest"
+)
+
+// The cache lifecycle: a running total of blob bytes, access times batched
+// in memory and flushed to 'a' keys, the files readers hold open, and the
+// maintenance loop that flushes, evicts and collects garbage.
+
+// lifecycle is the Store's bookkeeping for eviction and stats.
+type lifecycle struct {
+	size  atomic.Int64 // bytes of indexed blobs
+	count atomic.Int64 // indexed blobs
+
+	hits, misses atomic.Int64 // OpenBlob outcomes since Open
+	evicted      atomic.Int64 // blobs evicted since Open
+	evictedBytes atomic.Int64
+
+	mu      sync.Mutex
+	pending map[digest.Digest]int64     // access times not yet in badger
+	readers map[digest.Digest][]*os.File // files OpenBlob and Follow handed out
+	opens   int                          // since the last prune of readers
+
+	kick chan struct{} // asks the maintenance loop for an eviction pass
+	pass sync.Mutex    // one eviction or GC pass at a time
+}
+
+func (l *lifecycle) init() {
+	l.pending = map[digest.Digest]int64{}
+	l.readers = map[digest.Digest][]*os.File{}
+	l.kick = make(chan struct{}, 1)
+}
+
+// maxPending bounds the access times kept in memory between flushes.
+const maxPending = 64 << 10
+
+// Touch records that d (a blob or manifest) was just used. It is cheap: a
+// map write; the times reach badger in batches.
+func (s *Store) Touch(d digest.Digest) {
+	now := s.now().UnixNano()
+	s.life.mu.Lock()
+	s.life.pending[d] = now
+	full := len(s.life.pending) >= maxPending
+	s.life.mu.Unlock()
+	if full {
+		s.kickMaintenance()
+	}
+}
+
+// flushAccess writes the pending access times to badger.
+func (s *Store) flushAccess() error {
+	s.life.mu.Lock()
+	p := s.life.pending
+	if len(p) == 0 {
+		s.life.mu.Unlock()
+		return nil
+	}
+	s.life.pending = make(map[digest.Digest]int64, len(p))
+	s.life.mu.Unlock()
+	wb := s.db.NewWriteBatch()
+	defer wb.Cancel()
+	for d, t := range p {
+		if err := wb.Set(keyAccess(d), binary.BigEndian.AppendUint64(nil, uint64(t))); err != nil {
+			return err
+		}
+	}
+	err := wb.Flush()
+	if errors.Is(err, badger.ErrDBClosed) {
+		return ErrClosed
+	}
+	return err
+}
+
+// lastAccess is d's last use: the pending time if there is one, else v
+// (an 'a' value, may be nil), else when it was stored.
+func lastAccess(stored int64, v []byte) int64 {
+	if len(v) == 8 {
+		if t := int64(binary.BigEndian.Uint64(v)); t > stored {
+			return t
+		}
+	}
+	return stored
+}
+
+// trackReader records that f holds blob d open, so eviction leaves d alone
+// until f is closed.
+func (s *Store) trackReader(d digest.Digest, f *os.File) {
+	s.life.mu.Lock()
+	defer s.life.mu.Unlock()
+	s.life.readers[d] = append(s.life.readers[d], f)
+	s.life.opens++
+	if s.life.opens >= 1024 {
+		s.life.opens = 0
+		for d := range s.life.readers {
+			s.pruneReadersLocked(d)
+		}
+	}
+}
+
+// inUse reports whether a reader still holds blob d open.
+func (s *Store) inUse(d digest.Digest) bool {
+	s.life.mu.Lock()
+	defer s.life.mu.Unlock()
+	return s.pruneReadersLocked(d)
+}
+
+// inUseSet is the set of blobs readers hold open now.
+func (s *Store) inUseSet() map[digest.Digest]bool {
+	s.life.mu.Lock()
+	defer s.life.mu.Unlock()
+	out := map[digest.Digest]bool{}
+	for d := range s.life.readers {
+		if s.pruneReadersLocked(d) {
+			out[d] = true
+		}
+	}
+	return out
+}
+
+// pruneReadersLocked drops the closed files of d and reports whether any
+// is still open. A closed *os.File refuses Control (the poller's reference
+// count says so, without a data race).
+func (s *Store) pruneReadersLocked(d digest.Digest) bool {
+	fs := s.life.readers[d]
+	live := fs[:0]
+	for _, f := range fs {
+		if isOpen(f) {
+			live = append(live, f)
+		}
+	}
+	clear(fs[len(live):])
+	if len(live) == 0 {
+		delete(s.life.readers, d)
+		return false
+	}
+	s.life.readers[d] = live
+	return true
+}
+
+func isOpen(f *os.File) bool {
+	rc, err := f.SyscallConn()
+	if err != nil {
+		return false
+	}
+	return rc.Control(func(uintptr) {}) == nil
+}
+
+// addSize and subSize keep the running totals.
+func (s *Store) addSize(n int64) {
+	s.life.size.Add(n)
+	s.life.count.Add(1)
+	if s.opt.MaxSize > 0 && s.life.size.Load() > s.highMark() {
+		s.kickMaintenance()
+	}
+}
+
+func (s *Store) subSize(n int64) {
+	s.life.size.Add(-n)
+	s.life.count.Add(-1)
+}
+
+func (s *Store) highMark() int64 { return int64(float64(s.opt.MaxSize) * s.opt.HighWatermark) }
+func (s *Store) lowMark() int64  { return int64(float64(s.opt.MaxSize) * s.opt.LowWatermark) }
+
+func (s *Store) kickMaintenance() {
+	select {
+	case s.life.kick <- struct{}{}:
+	default:
+	}
+}
+
+// maintain flushes access times and keeps the budget, on a ticker and
+// whenever a commit passes the high mark or a write finds the disk full;
+// it runs the unreferenced-blob GC every GCEvery. Close waits for it.
+func (s *Store) maintain() {
+	defer s.wg.Done()
+	tick := time.NewTicker(s.opt.MaintenanceInterval)
+	defer tick.Stop()
+	var gcTick <-chan time.Time
+	if s.opt.GCEvery > 0 {
+		t := time.NewTicker(s.opt.GCEvery)
+		defer t.Stop()
+		gcTick = t.C
+	}
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-tick.C:
+		case <-s.life.kick:
+		case <-gcTick:
+			if _, err := s.GC(GCOptions{}); err != nil && !errors.Is(err, ErrClosed) {
+				s.log.Warn("gc failed", "err", err)
+			}
+			continue
+		}
+		if err := s.flushAccess(); err != nil && !errors.Is(err, ErrClosed) {
+			s.log.Warn("flush access times", "err", err)
+		}
+		if _, err := s.EvictToBudget(); err != nil && !errors.Is(err, ErrClosed) {
+			s.log.Warn("eviction failed", "err", err)
+		}
+	}
+}
+
+// deleteBlob removes blob d (index entry, access time, file) if it is still
+// indexed and keep does not object; the caller holds d's lock. It reports
+// the bytes freed.
+func (s *Store) deleteBlobLocked(d digest.Digest, keep func(BlobInfo) bool) (int64, bool, error) {
+	info, err := s.StatBlob(d)
+	if errors.Is(err, ErrNotFound) {
+		return 0, false, nil
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	if keep != nil && keep(info) {
+		return 0, false, nil
+	}
+	err = s.db.Update(func(txn *badger.Txn) error {
+		if err := txn.Delete(keyBlob(d)); err != nil {
+			return err
+		}
+		return txn.Delete(keyAccess(d))
+	})
+	if errors.Is(err, badger.ErrDBClosed) {
+		return 0, false, ErrClosed
+	}
+	if err != nil {
+		return 0, false, err
+	}
+	s.subSize(info.Size)
+	// The index no longer names the file, so a crash from here on leaves
+	// an orphan that recovery adopts or removes: never a wrong blob.
+	if err := os.Remove(s.blobPath(d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		s.log.Warn("remove blob file", "digest", d, "err", err)
+	}
+	return info.Size, true, nil
+}
+
+// writeErr marks a write error: a full disk becomes ErrNoSpace and asks for
+// an eviction pass.
+func (s *Store) writeErr(op string, err error) error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		s.kickMaintenance()
+		return fmt.Errorf("%w: %s: %v", ErrNoSpace, op, err)
+	}
+	return fmt.Errorf("cache: %s: %w", op, err)
+}
+
+// Stats is a snapshot of the store.
+type Stats struct {
+	Blobs         int64   `json:"blobs"`
+	Bytes         int64   `json:"bytes"`
+	MaxSize       int64   `json:"max_size,omitempty"`
+	HighWatermark int64   `json:"high_watermark_bytes,omitempty"`
+	LowWatermark  int64   `json:"low_watermark_bytes,omitempty"`
+	Hits          int64   `json:"blob_hits"`
+	Misses        int64   `json:"blob_misses"`
+	HitRatio      float64 `json:"blob_hit_ratio"`
+	Evicted       int64   `json:"evicted_blobs"`
+	EvictedBytes  int64   `json:"evicted_bytes"`
+	OpenReaders   int     `json:"open_readers"`
+}
+
+// Stats returns the running totals; it reads no index.
+func (s *Store) Stats() Stats {
+	st := Stats{
+		Blobs: s.life.count.Load(), Bytes: s.life.size.Load(),
+		Hits: s.life.hits.Load(), Misses: s.life.misses.Load(),
+		Evicted: s.life.evicted.Load(), EvictedBytes: s.life.evictedBytes.Load(),
+		OpenReaders: len(s.inUseSet()),
+	}
+	if s.opt.MaxSize > 0 {
+		st.MaxSize, st.HighWatermark, st.LowWatermark = s.opt.MaxSize, s.highMark(), s.lowMark()
+	}
+	if n := st.Hits + st.Misses; n > 0 {
+		st.HitRatio = float64(st.Hits) / float64(n)
+	}
+	return st
+}
