@@ -29,7 +29,7 @@ type lifecycle struct {
 	evictedBytes atomic.Int64
 
 	mu      sync.Mutex
-	pending map[digest.Digest]int64     // access times not yet in badger
+	pending map[digest.Digest]int64      // access times not yet in badger
 	readers map[digest.Digest][]*os.File // files OpenBlob and Follow handed out
 	opens   int                          // since the last prune of readers
 
