@@ -40,14 +40,6 @@ func (s *Store) StatBlob(d digest.Digest) (BlobInfo, error) {
 // Opening a blob counts as a use (Touch), and eviction leaves the blob alone
 // until the file is closed.
 func (s *Store) OpenBlob(d digest.Digest) (*os.File, BlobInfo, error) {
-	f, info, err := s.openBlob(d)
-	if errors.Is(err, ErrNotFound) {
-		s.life.misses.Add(1)
-	}
-	return f, info, err
-}
-
-func (s *Store) openBlob(d digest.Digest) (*os.File, BlobInfo, error) {
 	info, err := s.StatBlob(d)
 	if err != nil {
 		return nil, BlobInfo{}, err
@@ -136,6 +128,9 @@ func (s *Store) wrapWrite(f *os.File) io.Writer {
 }
 
 func (s *Store) createTemp() (string, *os.File, error) {
+	if err := s.checkRoom(); err != nil {
+		return "", nil, err
+	}
 	var b [16]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		return "", nil, err
@@ -143,7 +138,7 @@ func (s *Store) createTemp() (string, *os.File, error) {
 	path := filepath.Join(s.tmpDir(), hex.EncodeToString(b[:]))
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
-		return "", nil, fmt.Errorf("cache: create temp file: %w", err)
+		return "", nil, s.writeErr("create temp file", err)
 	}
 	return path, f, nil
 }
@@ -300,6 +295,9 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 	}
 	if errors.Is(statErr, ErrNotFound) {
 		s.addSize(size)
+		if origin == OriginPulled {
+			s.life.misses.Add(1) // a fill stored it: one miss
+		}
 	}
 	// Followers read the file now in place: they are its readers.
 	w.mu.Lock()

@@ -286,3 +286,12 @@ func (s *Store) evictOne(d digest.Digest) (int64, bool, error) {
 	}
 	return s.deleteBlobLocked(d, func(info BlobInfo) bool { return info.Origin != OriginPulled })
 }
+
+// EvictPlan reports what the next eviction pass would do, removing
+// nothing: nothing while the blobs are under the high mark.
+func (s *Store) EvictPlan() (EvictReport, error) {
+	if s.opt.MaxSize <= 0 || s.life.size.Load() <= s.highMark() {
+		return EvictReport{Before: s.life.size.Load(), Target: s.lowMark()}, nil
+	}
+	return s.Evict(s.lowMark(), true)
+}

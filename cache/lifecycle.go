@@ -24,7 +24,8 @@ type lifecycle struct {
 	size  atomic.Int64 // bytes of indexed blobs
 	count atomic.Int64 // indexed blobs
 
-	hits, misses atomic.Int64 // OpenBlob outcomes since Open
+	hits         atomic.Int64 // blobs opened to be served, since Open
+	misses       atomic.Int64 // pulled blobs stored by a fill, since Open
 	evicted      atomic.Int64 // blobs evicted since Open
 	evictedBytes atomic.Int64
 
@@ -32,6 +33,11 @@ type lifecycle struct {
 	pending map[digest.Digest]int64      // access times not yet in badger
 	readers map[digest.Digest][]*os.File // files OpenBlob and Follow handed out
 	opens   int                          // since the last prune of readers
+
+	// fullUntil (unix nanos): after a write found the disk full, new
+	// writers fail fast with ErrNoSpace, before a client got any header,
+	// until a blob is removed or this time passes.
+	fullUntil atomic.Int64
 
 	kick chan struct{} // asks the maintenance loop for an eviction pass
 	pass sync.Mutex    // one eviction or GC pass at a time
@@ -242,6 +248,7 @@ func (s *Store) deleteBlobLocked(d digest.Digest, keep func(BlobInfo) bool) (int
 		return 0, false, err
 	}
 	s.subSize(info.Size)
+	s.life.fullUntil.Store(0)
 	// The index no longer names the file, so a crash from here on leaves
 	// an orphan that recovery adopts or removes: never a wrong blob.
 	if err := os.Remove(s.blobPath(d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -254,10 +261,23 @@ func (s *Store) deleteBlobLocked(d digest.Digest, keep func(BlobInfo) bool) (int
 // an eviction pass.
 func (s *Store) writeErr(op string, err error) error {
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		s.life.fullUntil.Store(s.now().Add(fullBackoff).UnixNano())
 		s.kickMaintenance()
 		return fmt.Errorf("%w: %s: %v", ErrNoSpace, op, err)
 	}
 	return fmt.Errorf("cache: %s: %w", op, err)
+}
+
+// fullBackoff is how long new writes fail fast after the disk was found
+// full, unless a removal frees space first.
+const fullBackoff = 5 * time.Second
+
+// checkRoom fails fast while the disk is known to be full.
+func (s *Store) checkRoom() error {
+	if s.now().UnixNano() < s.life.fullUntil.Load() {
+		return fmt.Errorf("%w: a recent write found the disk full", ErrNoSpace)
+	}
+	return nil
 }
 
 // Stats is a snapshot of the store.
@@ -267,9 +287,9 @@ type Stats struct {
 	MaxSize       int64   `json:"max_size,omitempty"`
 	HighWatermark int64   `json:"high_watermark_bytes,omitempty"`
 	LowWatermark  int64   `json:"low_watermark_bytes,omitempty"`
-	Hits          int64   `json:"blob_hits"`
-	Misses        int64   `json:"blob_misses"`
-	HitRatio      float64 `json:"blob_hit_ratio"`
+	Hits          int64   `json:"blob_hits"`      // blobs served from disk
+	Misses        int64   `json:"blob_misses"`    // blobs a fill had to store
+	HitRatio      float64 `json:"blob_hit_ratio"` // hits / (hits + misses)
 	Evicted       int64   `json:"evicted_blobs"`
 	EvictedBytes  int64   `json:"evicted_bytes"`
 	OpenReaders   int     `json:"open_readers"`

@@ -378,25 +378,35 @@ func TestNoSpace(t *testing.T) {
 	var mu sync.Mutex
 	room := int64(100)
 	dir := t.TempDir()
-	s := openLife(t, dir, Options{WrapWrite: func(w io.Writer) io.Writer { return fullDisk{w, &room, &mu} }})
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	s := openLife(t, dir, Options{Now: clk.Now, WrapWrite: func(w io.Writer) io.Writer { return fullDisk{w, &room, &mu} }})
+	up, err := s.CreateUpload("app", time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
 	b, d := blobOf(3, 1000)
-	err := s.PutBlob(bytes.NewReader(b), d, OriginPulled)
+	err = s.PutBlob(bytes.NewReader(b), d, OriginPulled)
 	if !errors.Is(err, ErrNoSpace) {
 		t.Fatalf("err = %v, want ErrNoSpace", err)
 	}
 	if has(s, d) {
 		t.Fatal("indexed after a failed write")
 	}
-	if ents, _ := os.ReadDir(filepath.Join(dir, "tmp")); len(ents) != 0 {
-		t.Fatalf("temp files left: %v", ents)
+	// Until space is freed (or a while passed), new writes fail fast.
+	if _, err := s.NewBlobWriter(""); !errors.Is(err, ErrNoSpace) {
+		t.Fatalf("new writer on a full disk: %v", err)
 	}
-	up, _ := s.CreateUpload("app", time.Hour)
+	if ents, _ := os.ReadDir(filepath.Join(dir, "tmp")); len(ents) != 1 {
+		t.Fatalf("temp files: %v, want the upload's only", ents)
+	}
+	clk.Add(time.Minute)
 	if _, err := s.AppendUpload(up.ID, 0, bytes.NewReader(b), -1, time.Hour); !errors.Is(err, ErrNoSpace) {
 		t.Fatalf("upload err = %v, want ErrNoSpace", err)
 	}
 	mu.Lock()
 	room = 1 << 20
 	mu.Unlock()
+	clk.Add(time.Minute)
 	if err := s.PutBlob(bytes.NewReader(b), d, OriginPulled); err != nil || !has(s, d) {
 		t.Fatalf("after freeing space: %v", err)
 	}

@@ -164,6 +164,9 @@ func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int
 	if offset >= 0 && offset != u.Size {
 		return fmt.Errorf("%w: chunk starts at %d, upload has %d bytes", ErrUploadOffset, offset, u.Size)
 	}
+	if err := s.checkRoom(); err != nil {
+		return err
+	}
 	h, err := restoreSHA256(u.hash)
 	if err != nil {
 		return err

@@ -45,6 +45,12 @@ var (
 	codeUnavailable         = code{"UNAVAILABLE", http.StatusServiceUnavailable}
 	codeBadGateway          = code{"UNAVAILABLE", http.StatusBadGateway}
 	codeInternal            = code{"UNKNOWN", http.StatusInternalServerError}
+	// A full disk. The spec has no code for it; distribution answers 500
+	// UNKNOWN. 507 Insufficient Storage (RFC 4918) says what happened to
+	// an operator reading logs, every client retries a 5xx like a 503, and
+	// UNAVAILABLE is the spec's code for "try again later".
+	codeInsufficientStorage = code{"UNAVAILABLE", http.StatusInsufficientStorage}
+	codeAdminInvalid        = code{"UNSUPPORTED", http.StatusBadRequest} // a bad /v2/_slipway/ parameter
 )
 
 // ociError is an error a client sees: a code and a message.
@@ -107,6 +113,8 @@ func toOCI(err error, kind routeKind) *ociError {
 	// the package prefix, is the message.
 	pushMsg := strings.TrimPrefix(err.Error(), "push: ")
 	switch {
+	case errors.Is(err, cache.ErrNoSpace):
+		return wrapError(codeInsufficientStorage, "the mirror's disk is full; try again later", err)
 	case errors.Is(err, push.ErrUploadUnknown):
 		return wrapError(codeBlobUploadUnknown, pushMsg, err)
 	case errors.Is(err, push.ErrRangeInvalid):

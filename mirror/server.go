@@ -99,6 +99,7 @@ func New(cfg Config) (*Server, error) {
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.handleError
 	e.Use(s.recoverPanics, s.logRequests, apiVersion)
+	s.adminRoutes(e)
 	e.GET("/v2", s.getBase)
 	e.HEAD("/v2", s.getBase)
 	e.GET("/v2/", s.getBase)

@@ -221,7 +221,7 @@ func (f *Filler) fill(ctx context.Context, cancel context.CancelFunc, fl *fill, 
 	if err != nil {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w: fill of %s: %v", ErrUnavailable, d, context.Cause(ctx))
-		} else if !errors.Is(err, cache.ErrCanceled) {
+		} else if !errors.Is(err, cache.ErrCanceled) && !errors.Is(err, cache.ErrNoSpace) {
 			err = classify(err)
 		}
 		w.Abort(err)

@@ -162,6 +162,7 @@ func (p *Proxy) manifestByDigest(ctx context.Context, repo string, d digest.Dige
 		if err := p.confirmManifest(ctx, repo, d); err != nil {
 			return cache.Manifest{}, "", err
 		}
+		p.store.Touch(d)
 		return m, SourceHit, nil
 	} else if !errors.Is(err, cache.ErrNotFound) {
 		return cache.Manifest{}, "", err
@@ -229,6 +230,7 @@ func (p *Proxy) cachedTag(repo, tag string, accept []string) (cache.Manifest, ca
 	if err != nil || !Acceptable(m.MediaType, accept) {
 		return cache.Manifest{}, cache.Tag{}, false
 	}
+	p.store.Touch(t.Digest)
 	return m, t, true
 }
 
