@@ -34,6 +34,8 @@ const usage = `slipway: a pull-through caching OCI registry mirror and push targ
 
 Usage:
   slipway serve [flags]   run the mirror (slipway serve -h for flags)
+  slipway verify [flags]  re-hash the blobs of a stopped server's data directory
+  slipway gc [flags]      remove blobs no manifest references, from a stopped server's data directory
   slipway version         print the version
 `
 
@@ -47,6 +49,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		return serve(args[1:], stderr)
+	case "verify":
+		return verifyCmd(args[1:], stdout, stderr)
+	case "gc":
+		return gcCmd(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "slipway", version)
 		return 0
@@ -72,6 +78,7 @@ type serveConfig struct {
 	pushPrefix      string
 	uploadTTL       time.Duration
 	configPath      string
+	life            lifecycleConfig
 
 	file        *fileConfig // the config file's contents, if any
 	upstreamSet bool        // --upstream or SLIPWAY_UPSTREAM was given
@@ -97,6 +104,7 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.StringVar(&c.pushPrefix, "push-prefix", "", "comma-separated repository prefixes that may be pushed to (and are always local); empty: any name not proxied")
 	fs.DurationVar(&c.uploadTTL, "upload-ttl", 24*time.Hour, "remove an unfinished upload after it sat unused this long")
 	fs.StringVar(&c.configPath, "config", "", "YAML config file: upstreams, credentials, and any of these flags (see README)")
+	c.life.register(fs)
 	return fs, c
 }
 
@@ -190,7 +198,11 @@ func serve(args []string, stderr io.Writer) int {
 // cancel and wait for fills, close the store. ready, if not nil, receives
 // the listening address.
 func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready chan<- string) error {
-	store, err := cache.Open(c.dataDir, cache.Options{Logger: log})
+	opts, err := c.life.storeOptions(c, log)
+	if err != nil {
+		return err
+	}
+	store, err := cache.Open(c.dataDir, opts)
 	if err != nil {
 		return err
 	}

@@ -1,0 +1,46 @@
+package main
+
+import (
+	"flag"
+	"fmt"
+	"io"
+	"time"
+
+	"slipway/cache"
+)
+
+// slipway gc: remove blobs no manifest references any more, from a stopped
+// server's data directory. The running server does it every hour, and on
+// POST /v2/_slipway/gc.
+func gcCmd(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("gc", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	dataDir := fs.String("data-dir", "./slipway-data", "the data directory of a stopped slipway")
+	dry := fs.Bool("dry-run", false, "list what would be removed, remove nothing")
+	grace := fs.Duration("gc-grace", 24*time.Hour, "keep unreferenced blobs stored or used more recently than this")
+	logLevel := fs.String("log-level", "warn", "log level: debug, info, warn, error")
+	if code, ok := parseToolFlags(fs, args, stderr); !ok {
+		return code
+	}
+	store, log, code := openOffline(*dataDir, *logLevel, stderr)
+	if store == nil {
+		return code
+	}
+	defer store.Close()
+	r, err := store.GC(cache.GCOptions{DryRun: *dry, Grace: *grace})
+	if err != nil {
+		log.Error("gc failed", "err", err)
+		return 1
+	}
+	verb := "removed"
+	if *dry {
+		verb = "would remove"
+	}
+	for _, d := range r.Removed {
+		fmt.Fprintln(stdout, d)
+	}
+	st := store.Stats()
+	fmt.Fprintf(stdout, "gc %s %d blobs (%s) in %s; %d blobs (%s) stored\n", verb, r.Blobs, sizeText(r.Bytes),
+		r.Dur.Round(time.Millisecond), st.Blobs, sizeText(st.Bytes))
+	return 0
+}
