@@ -40,7 +40,7 @@ func (s *Server) getManifest(c echo.Context, r route) error {
 	if err != nil {
 		return err
 	}
-	c.Set(ctxSource, src)
+	setSource(c, src)
 	return writeManifest(c, m)
 }
 
@@ -85,7 +85,7 @@ func (s *Server) headManifest(c echo.Context, r route) error {
 	if err != nil {
 		return err
 	}
-	c.Set(ctxSource, src)
+	setSource(c, src)
 	setDescriptorHeaders(c.Response().Header(), desc.Digest, desc.Size, desc.MediaType)
 	return c.NoContent(http.StatusOK)
 }
@@ -107,7 +107,7 @@ func (s *Server) getBlob(c echo.Context, r route) error {
 		return err
 	}
 	defer b.Close()
-	c.Set(ctxSource, b.Source)
+	setSource(c, b.Source)
 	if b.File != nil {
 		serveBlobFile(c, r.digest, b.File)
 		return nil
@@ -155,7 +155,7 @@ func (s *Server) headBlob(c echo.Context, r route) error {
 	if err != nil {
 		return err
 	}
-	c.Set(ctxSource, src)
+	setSource(c, src)
 	setDescriptorHeaders(c.Response().Header(), r.digest, desc.Size, "application/octet-stream")
 	return c.NoContent(http.StatusOK)
 }

@@ -12,6 +12,7 @@ import (
 	"log/slog"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -43,6 +44,13 @@ type Config struct {
 	// Push serves local repositories and takes pushes (unless it is read
 	// only); nil: no local repositories at all.
 	Push *push.Manager
+	// Auth checks client credentials; nil: no authentication.
+	Auth *Auth
+	// Fills, if set, is read for the fills-in-flight gauge.
+	Fills *upstream.Filler
+	// StoreStats, if set, is read at scrape time for disk, eviction and
+	// upload gauges.
+	StoreStats func() StoreStats
 }
 
 // Server is the registry front.
@@ -54,6 +62,9 @@ type Server struct {
 	def       *Upstream
 	push      *push.Manager
 	log       *slog.Logger
+	auth      *Auth
+	metrics   *metrics
+	draining  atomic.Bool
 }
 
 // Keys of values handlers leave in echo.Context for the log line and the
@@ -73,7 +84,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Store == nil {
 		return nil, errors.New("mirror: no store")
 	}
-	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, push: cfg.Push, log: cfg.Logger}
+	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, push: cfg.Push, log: cfg.Logger, auth: cfg.Auth}
+	s.metrics = newMetrics(s, cfg.Fills, cfg.StoreStats)
 	for i := range s.upstreams {
 		u := &s.upstreams[i]
 		names := append([]string{u.Proxy.Upstream().Host()}, u.Names...)
@@ -98,7 +110,11 @@ func New(cfg Config) (*Server, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.handleError
-	e.Use(s.recoverPanics, s.logRequests, apiVersion)
+	e.Use(s.recoverPanics, s.logRequests, apiVersion, s.authenticate)
+	e.GET("/healthz", s.getHealthz)
+	e.GET("/readyz", s.getReadyz)
+	e.GET("/metrics", echo.WrapHandler(s.metrics.handler()))
+	e.POST("/v2/_slipway/prefetch", s.postPrefetch)
 	s.adminRoutes(e)
 	e.GET("/v2", s.getBase)
 	e.HEAD("/v2", s.getBase)
@@ -114,6 +130,9 @@ var dockerHubNames = []string{"docker.io", "index.docker.io", "registry-1.docker
 
 // Handler is the server's http.Handler.
 func (s *Server) Handler() http.Handler { return s.e }
+
+// MetricsHandler serves /metrics alone, for a separate listener.
+func (s *Server) MetricsHandler() http.Handler { return s.metrics.handler() }
 
 // getBase answers the API version check.
 // https://github.com/opencontainers/distribution-spec/blob/main/spec.md#determining-support
@@ -198,7 +217,12 @@ type target struct {
 // matches a push prefix or was pushed to; else the default upstream. Hosts
 // that are not configured are never contacted.
 func (s *Server) resolve(c echo.Context, name string) (target, error) {
-	if ns := c.QueryParam("ns"); ns != "" {
+	return s.resolveNS(c.QueryParam("ns"), name)
+}
+
+// resolveNS is resolve with the ?ns= value given.
+func (s *Server) resolveNS(ns, name string) (target, error) {
+	if ns != "" {
 		u, ok := s.byName[strings.ToLower(ns)]
 		if !ok {
 			// 404 lets containerd fall back to its next host.
@@ -286,11 +310,17 @@ func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
 			c.Error(err)
 		}
 		aborted = false
-		attrs := []any{"request_id", id, "method", c.Request().Method, "path", c.Request().URL.Path,
+		rl := routeLabel(c)
+		attrs := []any{"request_id", id, "method", c.Request().Method, "path", c.Request().URL.Path, "route", rl,
 			"status", c.Response().Status, "bytes", c.Response().Size, "dur", time.Since(start)}
-		if src, ok := c.Get(ctxSource).(upstream.Source); ok {
+		src, hasSrc := c.Get(ctxSource).(upstream.Source)
+		if hasSrc {
 			attrs = append(attrs, "cache", string(src))
 		}
+		if u, ok := c.Get(ctxUser).(string); ok {
+			attrs = append(attrs, "user", u)
+		}
+		s.metrics.observe(c, rl, src, hasSrc)
 		level := slog.LevelInfo
 		if e, ok := c.Get(ctxError).(error); ok {
 			attrs = append(attrs, "err", e.Error())

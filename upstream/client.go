@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"maps"
 	mathrand "math/rand/v2"
 	"net"
 	"net/http"
@@ -90,6 +91,9 @@ type Client struct {
 	backoffUntil time.Time // after a 429: no requests until then
 
 	rateRemaining atomic.Int64 // Docker Hub's ratelimit-remaining, -1 unknown
+
+	statsMu   sync.Mutex
+	responses map[string]uint64 // by status code, or "error" for no response
 }
 
 type repoTransport struct {
@@ -147,6 +151,23 @@ func New(c Config) (*Client, error) {
 // RateLimitRemaining is the last ratelimit-remaining Docker Hub reported,
 // or -1.
 func (c *Client) RateLimitRemaining() int64 { return c.rateRemaining.Load() }
+
+// Responses counts the requests sent to this upstream by the status code
+// of the answer ("200", "404"), or "error" when none came; metrics read it.
+func (c *Client) Responses() map[string]uint64 {
+	c.statsMu.Lock()
+	defer c.statsMu.Unlock()
+	return maps.Clone(c.responses)
+}
+
+func (c *Client) count(status string) {
+	c.statsMu.Lock()
+	if c.responses == nil {
+		c.responses = map[string]uint64{}
+	}
+	c.responses[status]++
+	c.statsMu.Unlock()
+}
 
 // Host is the upstream's host[:port]; it names the upstream in the index.
 func (c *Client) Host() string { return c.base.Host }
@@ -253,9 +274,11 @@ func (c *Client) doOnce(ctx context.Context, method, repo, path string, accept [
 	}
 	resp, err := (&http.Client{Transport: rt}).Do(req)
 	if err != nil {
+		c.count("error")
 		release()
 		return nil, classify(err)
 	}
+	c.count(strconv.Itoa(resp.StatusCode))
 	c.noteRateLimit(resp)
 	if resp.StatusCode == http.StatusOK {
 		resp.Body = &releaseBody{ReadCloser: resp.Body, release: release}

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -42,6 +43,7 @@ type Filler struct {
 
 	mu    sync.Mutex
 	fills map[digest.Digest]*fill
+	joins atomic.Int64 // requests that joined a fill another started
 }
 
 type fill struct {
@@ -83,6 +85,10 @@ func (f *Filler) InFlight() int {
 	defer f.mu.Unlock()
 	return len(f.fills)
 }
+
+// Joins counts the requests that joined a fill already in flight instead
+// of starting one; metrics read it.
+func (f *Filler) Joins() int64 { return f.joins.Load() }
 
 // Blob is a blob on its way to a client: a stored file (serve it with
 // http.ServeContent) or a stream from a fill in progress.
@@ -133,6 +139,9 @@ func (f *Filler) fetch(ctx context.Context, up *Client, repo string, d digest.Di
 		go f.run(fl, up, repo, d)
 	}
 	f.mu.Unlock()
+	if joined {
+		f.joins.Add(1)
+	}
 
 	if joined && (fl.ns != ns || fl.repo != repo) {
 		if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {

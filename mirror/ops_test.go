@@ -1,0 +1,265 @@
+package mirror
+
+import (
+	"bufio"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/crane"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/random"
+
+	"slipway/cache"
+	"slipway/push"
+	"slipway/upstream"
+)
+
+// opsEnv is a mirror with push, on loopback, in front of a fakeUpstream,
+// with the Server at hand and its Config open to the test.
+type opsEnv struct {
+	up    *fakeUpstream
+	store *cache.Store
+	fills *upstream.Filler
+	clock *fakeClock
+	s     *Server
+	srv   *httptest.Server
+	host  string
+}
+
+func newOpsEnv(t *testing.T, tweak func(*Config)) *opsEnv {
+	t.Helper()
+	e := &opsEnv{up: newFakeUpstream(t), clock: &fakeClock{t: time.Unix(1_800_000_000, 0)}}
+	log := slog.New(slog.DiscardHandler)
+	if os.Getenv("SLIPWAY_TEST_LOG") != "" {
+		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
+	}
+	st, err := cache.Open(t.TempDir(), cache.Options{Logger: log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.store = st
+	c, err := upstream.New(upstream.Config{URL: e.up.URL, Retries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.fills = upstream.NewFiller(st, upstream.FillerOptions{Logger: log, IdleTimeout: 20 * time.Second})
+	p := upstream.NewProxy(c, st, e.fills, upstream.ProxyOptions{Logger: log, TagTTL: testTagTTL, Now: e.clock.Now})
+	pm, err := push.New(push.Config{Store: st, Logger: log, Prefixes: []string{"ci", "team"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := Config{Store: st, Upstreams: []Upstream{{Proxy: p, Names: []string{"up"}}}, Logger: log, Push: pm, Fills: e.fills}
+	if tweak != nil {
+		tweak(&cfg)
+	}
+	e.s, err = New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.srv = httptest.NewServer(e.s.Handler())
+	e.host = strings.TrimPrefix(e.srv.URL, "http://")
+	t.Cleanup(func() {
+		e.srv.Close()
+		e.fills.Close()
+		pm.Close()
+		st.Close()
+	})
+	return e
+}
+
+func (e *opsEnv) url(path string) string { return e.srv.URL + path }
+
+// scrape reads /metrics into "name{labels}" -> value, labels as Prometheus
+// writes them (sorted by name).
+func scrape(t *testing.T, url string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("GET %s: %s", url, resp.Status)
+	}
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err != nil {
+			t.Fatalf("metrics line %q: %v", line, err)
+		}
+		out[line[:i]] = v
+	}
+	return out
+}
+
+func getBody(t *testing.T, url string) (*http.Response, []byte) {
+	t.Helper()
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp, b
+}
+
+// Metrics move as they should after a miss, a hit, a joined fill and a
+// stale serve; the X-Slipway-Cache header says the same to the client.
+func TestMetricsAfterMissHitJoinedStale(t *testing.T) {
+	e := newOpsEnv(t, nil)
+	b := randomBytes(t, 256<<10)
+	d := e.up.pushBlobTo(t, "team/app", b)
+	blobURL := e.url("/v2/up/team/app/blobs/" + string(d))
+	size := float64(len(b))
+
+	resp, _ := getBody(t, blobURL)
+	if got := resp.Header.Get("X-Slipway-Cache"); got != "miss" {
+		t.Errorf("first GET: X-Slipway-Cache %q, want miss", got)
+	}
+	// The client has every byte just before the fill commits and leaves.
+	waitFor(t, "the fill to end", func() bool { return e.fills.InFlight() == 0 })
+	resp, _ = getBody(t, blobURL)
+	if got := resp.Header.Get("X-Slipway-Cache"); got != "hit" {
+		t.Errorf("second GET: X-Slipway-Cache %q, want hit", got)
+	}
+	m := scrape(t, e.url("/metrics"))
+	for k, want := range map[string]float64{
+		`slipway_cache_results_total{kind="blob",result="miss"}`:                     1,
+		`slipway_cache_results_total{kind="blob",result="hit"}`:                      1,
+		`slipway_served_bytes_total{source="upstream"}`:                              size,
+		`slipway_served_bytes_total{source="cache"}`:                                 size,
+		`slipway_http_requests_total{method="GET",route="blob",status="200"}`:        2,
+		`slipway_fills_in_flight`:                                                    0,
+		`slipway_upstream_requests_total{status="200",upstream="` + e.up.host + `"}`: 1,
+	} {
+		if m[k] != want {
+			t.Errorf("%s = %v, want %v", k, m[k], want)
+		}
+	}
+
+	// A joined fill: the upstream holds the second half until released.
+	b2 := randomBytes(t, 256<<10)
+	d2 := e.up.pushBlobTo(t, "team/app", b2)
+	release := make(chan struct{})
+	e.up.setHook(holdHook(d2, b2, release))
+	var wg sync.WaitGroup
+	errs := make(chan error, 2)
+	get := func() {
+		defer wg.Done()
+		errs <- getAndVerify(e.url("/v2/up/team/app/blobs/"+string(d2)), d2, int64(len(b2)), nil)
+	}
+	wg.Add(1)
+	go get()
+	waitFor(t, "a fill in flight", func() bool { return e.fills.InFlight() == 1 })
+	if v := scrape(t, e.url("/metrics"))["slipway_fills_in_flight"]; v != 1 {
+		t.Errorf("slipway_fills_in_flight = %v during the fill, want 1", v)
+	}
+	wg.Add(1)
+	go get()
+	waitFor(t, "the second client to join", func() bool {
+		return scrape(t, e.url("/metrics"))["slipway_fill_joins_total"] == 1
+	})
+	close(release)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+
+	// A stale serve: the tag is past its window and the upstream says 429.
+	img, _ := random.Image(1024, 1)
+	e.up.pushImageTo(t, img, "team/app:v1")
+	getBody(t, e.url("/v2/up/team/app/manifests/v1"))
+	e.clock.Advance(2 * testTagTTL)
+	e.up.setHook(func(w http.ResponseWriter, r *http.Request) bool {
+		if !strings.Contains(r.URL.Path, "/manifests/") {
+			return false
+		}
+		w.WriteHeader(http.StatusTooManyRequests)
+		return true
+	})
+	resp, _ = getBody(t, e.url("/v2/up/team/app/manifests/v1"))
+	if resp.StatusCode != http.StatusOK || resp.Header.Get("X-Slipway-Cache") != "stale" {
+		t.Errorf("stale GET: %s, X-Slipway-Cache %q; want 200 stale", resp.Status, resp.Header.Get("X-Slipway-Cache"))
+	}
+	m = scrape(t, e.url("/metrics"))
+	for k, want := range map[string]float64{
+		`slipway_cache_results_total{kind="blob",result="miss"}`:                     2,
+		`slipway_cache_results_total{kind="blob",result="joined"}`:                   1,
+		`slipway_cache_results_total{kind="manifest",result="miss"}`:                 1,
+		`slipway_cache_results_total{kind="manifest",result="stale"}`:                1,
+		`slipway_served_bytes_total{source="upstream"}`:                              size + 2*float64(len(b2)) + float64(mustManifestSize(t, img)),
+		`slipway_fills_in_flight`:                                                    0,
+		`slipway_upstream_requests_total{status="429",upstream="` + e.up.host + `"}`: 1,
+	} {
+		if m[k] != want {
+			t.Errorf("%s = %v, want %v", k, m[k], want)
+		}
+	}
+}
+
+// pushImageTo puts img at the fake upstream under repo:tag.
+func (u *fakeUpstream) pushImageTo(t *testing.T, img v1.Image, ref string) {
+	t.Helper()
+	if err := crane.Push(img, u.host+"/"+ref); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func mustManifestSize(t *testing.T, img v1.Image) int {
+	b, err := img.RawManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(b)
+}
+
+// /healthz answers while the process runs; /readyz turns 503 once the
+// server drains for shutdown.
+func TestHealthAndReadiness(t *testing.T) {
+	e := newOpsEnv(t, nil)
+	for _, p := range []string{"/healthz", "/readyz"} {
+		if resp, body := getBody(t, e.url(p)); resp.StatusCode != http.StatusOK {
+			t.Errorf("GET %s: %s %s", p, resp.Status, body)
+		}
+	}
+	e.s.Drain()
+	if resp, body := getBody(t, e.url("/readyz")); resp.StatusCode != http.StatusServiceUnavailable || !strings.Contains(string(body), "shutting down") {
+		t.Errorf("GET /readyz while draining: %s %q, want 503 shutting down", resp.Status, body)
+	}
+	if resp, _ := getBody(t, e.url("/healthz")); resp.StatusCode != http.StatusOK {
+		t.Errorf("GET /healthz while draining: %s, want 200", resp.Status)
+	}
+}
+
+// A read-only data directory makes the server not ready.
+func TestReadinessNeedsWritableDataDir(t *testing.T) {
+	if os.Geteuid() == 0 {
+		t.Skip("root can write to a read-only directory")
+	}
+	e := newOpsEnv(t, nil)
+	os.Chmod(e.store.Dir(), 0o500)
+	defer os.Chmod(e.store.Dir(), 0o700)
+	if resp, body := getBody(t, e.url("/readyz")); resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("GET /readyz with a read-only data dir: %s %q, want 503", resp.Status, body)
+	}
+}

@@ -1,0 +1,195 @@
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/labstack/echo/v4"
+	"github.com/opencontainers/go-digest"
+
+	"slipway/upstream"
+)
+
+// PrefetchRequest is the body of POST /v2/_slipway/prefetch.
+type PrefetchRequest struct {
+	// Images as a client would name them to this mirror: "alpine:3.20",
+	// "ghcr.io/org/app:v1" (an upstream prefix), "team/app@sha256:...".
+	Images []string `json:"images"`
+	// Platform ("linux/amd64") limits an index to one platform; empty: all.
+	Platform string `json:"platform,omitempty"`
+}
+
+// PrefetchResult is one image's outcome.
+type PrefetchResult struct {
+	Image     string `json:"image"`
+	Manifests int    `json:"manifests"`
+	Blobs     int    `json:"blobs"`
+	Cached    int    `json:"cached"`  // manifests and blobs that were in the cache already
+	Fetched   int    `json:"fetched"` // manifests and blobs fetched from the upstream now
+	Bytes     int64  `json:"bytes"`   // blob bytes fetched from the upstream
+	Error     string `json:"error,omitempty"`
+}
+
+// postPrefetch warms the cache with whole images (every platform of an
+// index unless one is asked for), for CI pipelines: it answers when all
+// are stored, 200 if every image was, else 502 with the same body.
+func (s *Server) postPrefetch(c echo.Context) error {
+	var req PrefetchRequest
+	body, err := io.ReadAll(io.LimitReader(c.Request().Body, 1<<20))
+	if err != nil {
+		return err
+	}
+	if err := json.Unmarshal(body, &req); err != nil || len(req.Images) == 0 {
+		return newError(code{"UNSUPPORTED", http.StatusBadRequest}, `want {"images": ["name:tag", ...], "platform": "os/arch"}`)
+	}
+	var plat *v1.Platform
+	if req.Platform != "" {
+		if plat, err = v1.ParsePlatform(req.Platform); err != nil {
+			return newError(code{"UNSUPPORTED", http.StatusBadRequest}, "platform: "+err.Error())
+		}
+	}
+	// The work is the server's, not the client's: a CI job that gives up
+	// still leaves the fills running to completion.
+	ctx := context.WithoutCancel(c.Request().Context())
+	ns := c.QueryParam("ns") // echo.Context is not for other goroutines
+	results := make([]PrefetchResult, len(req.Images))
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, 4)
+	for i, img := range req.Images {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			results[i] = s.prefetch(ctx, ns, img, plat)
+		})
+	}
+	wg.Wait()
+	status := http.StatusOK
+	for _, r := range results {
+		if r.Error != "" {
+			status = http.StatusBadGateway
+		}
+	}
+	return c.JSON(status, map[string]any{"results": results})
+}
+
+// prefetch stores one image through the proxy, as a pull would.
+func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platform) PrefetchResult {
+	res := PrefetchResult{Image: image}
+	fail := func(err error) PrefetchResult {
+		res.Error = err.Error()
+		return res
+	}
+	name, ref, ok := splitImage(image)
+	if !ok {
+		return fail(fmt.Errorf("not an image reference: %q", image))
+	}
+	if err := validateName(name); err != nil {
+		return fail(err)
+	}
+	if strings.Contains(ref, ":") {
+		if _, err := parseDigest(ref); err != nil {
+			return fail(err)
+		}
+	} else if !tagRe.MatchString(ref) {
+		return fail(errTagInvalid)
+	}
+	t, err := s.resolveNS(ns, name)
+	if err != nil {
+		return fail(err)
+	}
+	if t.local {
+		return fail(fmt.Errorf("%s is a local repository: nothing to prefetch", name))
+	}
+	p := t.up.Proxy
+	note := func(src upstream.Source) {
+		switch src {
+		case upstream.SourceMiss, upstream.SourceJoined:
+			res.Fetched++
+		default:
+			res.Cached++
+		}
+	}
+	m, src, err := p.Manifest(ctx, t.repo, ref, nil)
+	if err != nil {
+		return fail(err)
+	}
+	res.Manifests++
+	note(src)
+	images := []digest.Digest{}
+	top := m.Bytes
+	if idx, err := v1.ParseIndexManifest(bytes.NewReader(top)); err == nil && len(idx.Manifests) > 0 && isIndex(m.MediaType, idx) {
+		for _, d := range idx.Manifests {
+			if plat != nil && (d.Platform == nil || !d.Platform.Satisfies(*plat)) {
+				continue
+			}
+			images = append(images, digest.Digest(d.Digest.String()))
+		}
+		if len(images) == 0 {
+			return fail(fmt.Errorf("the index has no manifest for platform %s", plat))
+		}
+	} else {
+		images = append(images, "")
+	}
+	for _, d := range images {
+		mb := top
+		if d != "" {
+			im, src, err := p.Manifest(ctx, t.repo, string(d), nil)
+			if err != nil {
+				return fail(err)
+			}
+			res.Manifests++
+			note(src)
+			mb = im.Bytes
+		}
+		man, err := v1.ParseManifest(bytes.NewReader(mb))
+		if err != nil {
+			return fail(fmt.Errorf("manifest: %w", err))
+		}
+		blobs := append([]v1.Descriptor{man.Config}, man.Layers...)
+		for _, bd := range blobs {
+			if bd.Digest.Hex == "" {
+				continue
+			}
+			b, err := p.Blob(ctx, t.repo, digest.Digest(bd.Digest.String()))
+			if err != nil {
+				return fail(err)
+			}
+			res.Blobs++
+			note(b.Source)
+			if b.Reader != nil {
+				n, err := io.Copy(io.Discard, b.Reader)
+				res.Bytes += n
+				if err != nil {
+					b.Close()
+					return fail(err)
+				}
+			}
+			b.Close()
+		}
+	}
+	return res
+}
+
+func isIndex(mediaType string, idx *v1.IndexManifest) bool {
+	return strings.Contains(mediaType, "index") || strings.Contains(mediaType, "manifest.list") ||
+		strings.Contains(string(idx.MediaType), "index") || strings.Contains(string(idx.MediaType), "manifest.list")
+}
+
+// splitImage splits "name:tag", "name@digest" or "name" (":latest").
+func splitImage(image string) (name, ref string, ok bool) {
+	if n, d, found := strings.Cut(image, "@"); found {
+		return n, d, n != "" && d != ""
+	}
+	slash := strings.LastIndex(image, "/")
+	if colon := strings.LastIndex(image, ":"); colon > slash {
+		return image[:colon], image[colon+1:], colon > 0 && colon < len(image)-1
+	}
+	return image, "latest", image != ""
+}
