@@ -81,7 +81,9 @@ func (s *Store) PutBlob(r io.Reader, d digest.Digest, origin Origin) error {
 //
 // While it is being written, Follow gives readers the bytes written so far,
 // all but the last one: the final byte is released only once Commit has
-// verified the digest, so nobody ever reads a complete blob with wrong bytes.
+// verified the digest and stored the blob (fsynced, renamed, indexed), so
+// nobody ever reads a complete blob with wrong bytes, and a complete read
+// means the blob survives a crash.
 //
 // Write is not safe for concurrent use; Follow, Commit and Cancel are.
 // Cancel after Commit is a no-op, so it can be deferred.
@@ -214,16 +216,17 @@ func (w *BlobWriter) Commit(want digest.Digest, size int64, origin Origin) error
 		w.Abort(err)
 		return err
 	}
-	// Verified: followers may have the last byte now.
-	w.mu.Lock()
-	w.visible, w.final = w.written, true
-	w.notifyLocked()
-	w.mu.Unlock()
-
 	if err := w.s.commitFile(w, want, written, origin); err != nil {
 		w.Abort(err)
 		return err
 	}
+	// Verified, fsynced, in place and indexed: followers may have the
+	// last byte now. So a client that got a complete 200 got a blob that
+	// survives a crash.
+	w.mu.Lock()
+	w.visible, w.final = w.written, true
+	w.notifyLocked()
+	w.mu.Unlock()
 	return nil
 }
 
