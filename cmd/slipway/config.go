@@ -35,6 +35,17 @@ type fileConfig struct {
 	Settings        map[string]any   `yaml:",inline"`
 	DefaultUpstream string           `yaml:"default_upstream"`
 	Upstreams       []upstreamConfig `yaml:"upstreams"`
+	// Users limits what htpasswd users may push:
+	//	users:
+	//	  ci: {push: ["ci", "team/"]}
+	//	  reader: {push: []}
+	// A user not listed may push to any repository.
+	Users map[string]userConfig `yaml:"users"`
+}
+
+// userConfig is one entry of the config file's users map.
+type userConfig struct {
+	Push []string `yaml:"push"`
 }
 
 // upstreamConfig is one entry of the config file's upstreams list.

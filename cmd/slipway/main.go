@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -34,6 +35,8 @@ const usage = `slipway: a pull-through caching OCI registry mirror and push targ
 
 Usage:
   slipway serve [flags]   run the mirror (slipway serve -h for flags)
+  slipway prefetch [flags] IMAGE...
+                          pull images through a mirror to warm its cache
   slipway verify [flags]  re-hash the blobs of a stopped server's data directory
   slipway gc [flags]      remove blobs no manifest references, from a stopped server's data directory
   slipway version         print the version
@@ -49,6 +52,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 	switch args[0] {
 	case "serve":
 		return serve(args[1:], stderr)
+	case "prefetch":
+		return prefetch(args[1:], stdout, stderr)
 	case "verify":
 		return verifyCmd(args[1:], stdout, stderr)
 	case "gc":
@@ -79,6 +84,11 @@ type serveConfig struct {
 	uploadTTL       time.Duration
 	configPath      string
 	life            lifecycleConfig
+	metricsListen   string
+	tlsCert         string
+	tlsKey          string
+	htpasswd        string
+	anonymousPull   bool
 
 	file        *fileConfig // the config file's contents, if any
 	upstreamSet bool        // --upstream or SLIPWAY_UPSTREAM was given
@@ -104,6 +114,11 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.StringVar(&c.pushPrefix, "push-prefix", "", "comma-separated repository prefixes that may be pushed to (and are always local); empty: any name not proxied")
 	fs.DurationVar(&c.uploadTTL, "upload-ttl", 24*time.Hour, "remove an unfinished upload after it sat unused this long")
 	fs.StringVar(&c.configPath, "config", "", "YAML config file: upstreams, credentials, and any of these flags (see README)")
+	fs.StringVar(&c.metricsListen, "metrics-listen", "", "also serve /metrics on this address (it is always on the main listener)")
+	fs.StringVar(&c.tlsCert, "tls-cert", "", "TLS certificate file (PEM, with intermediates); with --tls-key serves HTTPS and HTTP/2")
+	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS private key file (PEM)")
+	fs.StringVar(&c.htpasswd, "htpasswd", "", "htpasswd file with bcrypt entries (htpasswd -B): clients must log in to push")
+	fs.BoolVar(&c.anonymousPull, "anonymous-pull", true, "with --htpasswd, let clients without credentials pull")
 	c.life.register(fs)
 	return fs, c
 }
@@ -184,6 +199,7 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "slipway serve:", err)
 		return 2
 	}
+	routeGGCRLogs(log)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	if err := serveUntil(ctx, c, log, nil); err != nil {
@@ -238,15 +254,31 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 		log.Info("upstream", "upstream", sp.name, "url", up.URL(), "aliases", strings.Join(names, ","),
 			"auth", sp.auth != nil, "default", len(ups)-1 == def)
 	}
+	auth, err := loadAuth(c)
+	if err != nil {
+		return err
+	}
 	srv, err := mirror.New(mirror.Config{
-		Store:     store,
-		Upstreams: ups,
-		Default:   def,
-		Logger:    log,
-		Push:      pushes,
+		Store:      store,
+		Upstreams:  ups,
+		Default:    def,
+		Logger:     log,
+		Push:       pushes,
+		Auth:       auth,
+		Fills:      fills,
+		StoreStats: storeStats(store),
 	})
 	if err != nil {
 		return err
+	}
+	if (c.tlsCert == "") != (c.tlsKey == "") {
+		return errors.New("--tls-cert and --tls-key go together")
+	}
+	if c.tlsCert != "" {
+		// Fail before listening, not in the serve goroutine.
+		if _, err := tls.LoadX509KeyPair(c.tlsCert, c.tlsKey); err != nil {
+			return fmt.Errorf("--tls-cert/--tls-key: %w", err)
+		}
 	}
 
 	ln, err := net.Listen("tcp", c.listen)
@@ -260,9 +292,26 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	errc := make(chan error, 1)
-	go func() { errc <- hs.Serve(ln) }()
-	log.Info("slipway serving", "addr", ln.Addr().String(), "data_dir", c.dataDir, "version", version)
+	errc := make(chan error, 2)
+	if c.tlsCert != "" {
+		// ServeTLS turns HTTP/2 on by itself.
+		go func() { errc <- hs.ServeTLS(ln, c.tlsCert, c.tlsKey) }()
+	} else {
+		go func() { errc <- hs.Serve(ln) }()
+	}
+	var ms *http.Server
+	if c.metricsListen != "" {
+		mln, err := net.Listen("tcp", c.metricsListen)
+		if err != nil {
+			hs.Close()
+			return fmt.Errorf("--metrics-listen: %w", err)
+		}
+		ms = &http.Server{Handler: srv.MetricsHandler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() { errc <- ms.Serve(mln) }()
+		log.Info("metrics serving", "addr", mln.Addr().String())
+	}
+	log.Info("slipway serving", "addr", ln.Addr().String(), "data_dir", c.dataDir, "version", version,
+		"tls", c.tlsCert != "", "auth", auth != nil)
 	if ready != nil {
 		ready <- ln.Addr().String()
 	}
@@ -273,8 +322,15 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 	case <-ctx.Done():
 	}
 	log.Info("shutting down")
+	// /readyz says 503 first; then Shutdown closes the listener and waits
+	// for responses in flight (fills they read from keep running until
+	// fills.Close, deferred above).
+	srv.Drain()
 	sctx, cancel := context.WithTimeout(context.Background(), c.shutdownTimeout)
 	defer cancel()
+	if ms != nil {
+		defer ms.Close()
+	}
 	if err := hs.Shutdown(sctx); err != nil {
 		log.Warn("responses still in flight at shutdown deadline", "err", err)
 		hs.Close()

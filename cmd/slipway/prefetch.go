@@ -1,0 +1,432 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+)
+
+// prefetch pulls images through a running mirror so its cache holds them:
+//
+//	slipway prefetch [--server URL] [--platform os/arch] [--concurrency N] [-f FILE] IMAGE...
+//
+// Images are named as a client of the mirror names them ("alpine:3.20",
+// "ghcr.io/org/app:v1" for a configured upstream prefix). Every platform of
+// an index is pulled unless --platform picks one.
+func prefetch(args []string, stdout, stderr io.Writer) int {
+	fs := flag.NewFlagSet("prefetch", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	server := fs.String("server", envOr("SLIPWAY_SERVER", "http://localhost:5000"), "the mirror's URL (env SLIPWAY_SERVER)")
+	platform := fs.String("platform", "", "pull only this platform of multi-platform images (os/arch[/variant]); empty: all")
+	concurrency := fs.Int("concurrency", 4, "images pulled at the same time")
+	file := fs.String("f", "", "file with one image per line (# comments); - is stdin")
+	user := fs.String("username", os.Getenv("SLIPWAY_USERNAME"), "user name, when the mirror needs a login to pull (password: env SLIPWAY_PASSWORD)")
+	fs.Usage = func() {
+		fmt.Fprint(stderr, "Usage: slipway prefetch [flags] IMAGE...\n\nPulls images through a slipway mirror so its cache holds them.\n\n")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	images := fs.Args()
+	if *file != "" {
+		more, err := readImageList(*file)
+		if err != nil {
+			fmt.Fprintln(stderr, "slipway prefetch:", err)
+			return 2
+		}
+		images = append(images, more...)
+	}
+	if len(images) == 0 {
+		fs.Usage()
+		return 2
+	}
+	p, err := newPrefetcher(*server, *platform, *user, os.Getenv("SLIPWAY_PASSWORD"))
+	if err != nil {
+		fmt.Fprintln(stderr, "slipway prefetch:", err)
+		return 2
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+
+	start := time.Now()
+	jobs := make([]*prefetchJob, len(images))
+	for i, img := range images {
+		jobs[i] = &prefetchJob{image: img}
+	}
+	bars := newProgress(stderr, jobs)
+	var wg sync.WaitGroup
+	sem := make(chan struct{}, max(*concurrency, 1))
+	for _, j := range jobs {
+		wg.Go(func() {
+			sem <- struct{}{}
+			defer func() { <-sem }()
+			j.err = p.pull(ctx, j)
+			j.done.Store(true)
+			bars.finished(j)
+		})
+	}
+	wg.Wait()
+	bars.stop()
+
+	var failed, allCached int
+	var fetchedBytes int64
+	for _, j := range jobs {
+		switch {
+		case j.err != nil:
+			failed++
+		case j.fetched.Load() == 0:
+			allCached++
+		}
+		fetchedBytes += j.fetchedBytes.Load()
+	}
+	fmt.Fprintf(stdout, "prefetched %d of %d images in %s: %d were already cached, %s came from upstreams",
+		len(jobs)-failed, len(jobs), time.Since(start).Round(time.Millisecond), allCached, humanBytes(fetchedBytes))
+	if failed > 0 {
+		fmt.Fprintf(stdout, "; %d failed\n", failed)
+		return 1
+	}
+	fmt.Fprintln(stdout)
+	return 0
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func readImageList(path string) ([]string, error) {
+	var r io.Reader = os.Stdin
+	if path != "-" {
+		f, err := os.Open(path)
+		if err != nil {
+			return nil, err
+		}
+		defer f.Close()
+		r = f
+	}
+	var out []string
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		line, _, _ := strings.Cut(sc.Text(), "#")
+		if line = strings.TrimSpace(line); line != "" {
+			out = append(out, line)
+		}
+	}
+	return out, sc.Err()
+}
+
+type prefetcher struct {
+	host     string
+	opts     []name.Option
+	platform *v1.Platform
+	auth     authn.Authenticator
+	base     http.RoundTripper
+}
+
+func newPrefetcher(server, platform, user, pass string) (*prefetcher, error) {
+	u, err := url.Parse(server)
+	if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
+		return nil, fmt.Errorf("--server %q: want http(s)://host[:port]", server)
+	}
+	p := &prefetcher{host: u.Host, auth: authn.Anonymous, base: remote.DefaultTransport}
+	if u.Scheme == "http" {
+		p.opts = append(p.opts, name.Insecure)
+	}
+	if platform != "" {
+		if p.platform, err = v1.ParsePlatform(platform); err != nil {
+			return nil, fmt.Errorf("--platform: %w", err)
+		}
+	}
+	if user != "" {
+		p.auth = &authn.Basic{Username: user, Password: pass}
+	}
+	return p, nil
+}
+
+// prefetchJob is one image's progress, read by the progress display.
+type prefetchJob struct {
+	image        string
+	total        atomic.Int64 // bytes of all blobs, once the manifests are read
+	read         atomic.Int64
+	blobs        atomic.Int64
+	cached       atomic.Int64 // manifests and blobs the mirror had
+	fetched      atomic.Int64 // manifests and blobs it fetched for us
+	fetchedBytes atomic.Int64
+	platforms    atomic.Int64
+	done         atomic.Bool
+	err          error
+}
+
+// pull reads every manifest and blob of job's image through the mirror.
+func (p *prefetcher) pull(ctx context.Context, job *prefetchJob) error {
+	ref, err := name.ParseReference(p.host+"/"+job.image, p.opts...)
+	if err != nil {
+		return err
+	}
+	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuth(p.auth),
+		remote.WithTransport(&cacheCounter{inner: p.base, job: job})}
+	desc, err := remote.Get(ref, ropts...)
+	if err != nil {
+		return err
+	}
+	var imgs []v1.Image
+	if desc.MediaType.IsIndex() {
+		idx, err := desc.ImageIndex()
+		if err != nil {
+			return err
+		}
+		im, err := idx.IndexManifest()
+		if err != nil {
+			return err
+		}
+		for _, m := range im.Manifests {
+			if !m.MediaType.IsImage() {
+				continue
+			}
+			if p.platform != nil && (m.Platform == nil || !m.Platform.Satisfies(*p.platform)) {
+				continue
+			}
+			img, err := idx.Image(m.Digest)
+			if err != nil {
+				return err
+			}
+			imgs = append(imgs, img)
+		}
+		if len(imgs) == 0 {
+			return fmt.Errorf("no image in the index matches the platform")
+		}
+	} else {
+		img, err := desc.Image()
+		if err != nil {
+			return err
+		}
+		imgs = append(imgs, img)
+	}
+	job.platforms.Store(int64(len(imgs)))
+	// Read every manifest first, so the bar knows the total.
+	var layers []v1.Layer
+	seen := map[v1.Hash]bool{}
+	for _, img := range imgs {
+		m, err := img.Manifest()
+		if err != nil {
+			return err
+		}
+		job.total.Add(m.Config.Size)
+		ls, err := img.Layers()
+		if err != nil {
+			return err
+		}
+		for _, l := range ls {
+			d, err := l.Digest()
+			if err != nil {
+				return err
+			}
+			if !seen[d] {
+				seen[d] = true
+				sz, _ := l.Size()
+				job.total.Add(sz)
+				layers = append(layers, l)
+			}
+		}
+	}
+	for _, img := range imgs {
+		cfg, err := img.RawConfigFile()
+		if err != nil {
+			return err
+		}
+		job.read.Add(int64(len(cfg)))
+	}
+	for _, l := range layers {
+		rc, err := l.Compressed()
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(io.Discard, &countingReader{r: rc, n: &job.read})
+		rc.Close()
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// cacheCounter reads X-Slipway-Cache on the mirror's answers.
+type cacheCounter struct {
+	inner http.RoundTripper
+	job   *prefetchJob
+}
+
+func (c *cacheCounter) RoundTrip(req *http.Request) (*http.Response, error) {
+	resp, err := c.inner.RoundTrip(req)
+	if err != nil || req.Method != http.MethodGet || resp.StatusCode != http.StatusOK {
+		return resp, err
+	}
+	isBlob := strings.Contains(req.URL.Path, "/blobs/")
+	if isBlob {
+		c.job.blobs.Add(1)
+	}
+	switch resp.Header.Get("X-Slipway-Cache") {
+	case "":
+	case "hit", "revalidated", "stale", "local":
+		c.job.cached.Add(1)
+	default:
+		c.job.fetched.Add(1)
+		if isBlob && resp.ContentLength > 0 {
+			c.job.fetchedBytes.Add(resp.ContentLength)
+		}
+	}
+	return resp, nil
+}
+
+type countingReader struct {
+	r io.Reader
+	n *atomic.Int64
+}
+
+func (c *countingReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.n.Add(int64(n))
+	return n, err
+}
+
+// progress shows one bar per image when stderr is a terminal (redrawn in
+// place), else one line per image when it ends.
+type progress struct {
+	w     io.Writer
+	jobs  []*prefetchJob
+	tty   bool
+	mu    sync.Mutex
+	quit  chan struct{}
+	ended chan struct{}
+	drawn int
+}
+
+func newProgress(w io.Writer, jobs []*prefetchJob) *progress {
+	p := &progress{w: w, jobs: jobs, quit: make(chan struct{}), ended: make(chan struct{})}
+	if f, ok := w.(*os.File); ok {
+		if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
+			p.tty = true
+		}
+	}
+	if !p.tty {
+		close(p.ended)
+		return p
+	}
+	go func() {
+		defer close(p.ended)
+		t := time.NewTicker(150 * time.Millisecond)
+		defer t.Stop()
+		for {
+			p.draw()
+			select {
+			case <-t.C:
+			case <-p.quit:
+				p.draw()
+				return
+			}
+		}
+	}()
+	return p
+}
+
+func (p *progress) finished(j *prefetchJob) {
+	if p.tty {
+		return
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	fmt.Fprintln(p.w, j.summary())
+}
+
+func (p *progress) stop() {
+	if p.tty {
+		close(p.quit)
+	}
+	<-p.ended
+}
+
+func (p *progress) draw() {
+	var b strings.Builder
+	if p.drawn > 0 {
+		fmt.Fprintf(&b, "\x1b[%dA", p.drawn)
+	}
+	for _, j := range p.jobs {
+		b.WriteString("\x1b[2K")
+		if j.done.Load() {
+			b.WriteString(j.summary())
+		} else {
+			b.WriteString(j.bar())
+		}
+		b.WriteByte('\n')
+	}
+	p.drawn = len(p.jobs)
+	io.WriteString(p.w, b.String())
+}
+
+func (j *prefetchJob) bar() string {
+	const width = 30
+	total, read := j.total.Load(), j.read.Load()
+	filled := 0
+	if total > 0 {
+		filled = int(min(read*width/total, width))
+	}
+	return fmt.Sprintf("%-40s [%s%s] %s / %s", trimName(j.image, 40), strings.Repeat("=", filled),
+		strings.Repeat(" ", width-filled), humanBytes(read), humanBytes(total))
+}
+
+func (j *prefetchJob) summary() string {
+	if j.err != nil {
+		return fmt.Sprintf("%s: FAILED: %v", j.image, j.err)
+	}
+	plats := ""
+	if n := j.platforms.Load(); n > 1 {
+		plats = fmt.Sprintf("%d platforms, ", n)
+	}
+	if j.fetched.Load() == 0 {
+		return fmt.Sprintf("%s: %s%d blobs, %s, all cached", j.image, plats, j.blobs.Load(), humanBytes(j.total.Load()))
+	}
+	return fmt.Sprintf("%s: %s%d blobs, %s; fetched %d manifests and blobs (%s) from the upstream, %d were cached",
+		j.image, plats, j.blobs.Load(), humanBytes(j.total.Load()), j.fetched.Load(), humanBytes(j.fetchedBytes.Load()), j.cached.Load())
+}
+
+func trimName(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	return "…" + s[len(s)-n+1:]
+}
+
+func humanBytes(n int64) string {
+	switch {
+	case n >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
+	case n >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
+	case n >= 1<<10:
+		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
+	}
+	return fmt.Sprintf("%d B", n)
+}
