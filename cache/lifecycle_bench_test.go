@@ -181,4 +181,3 @@ func BenchmarkVerify(b *testing.B) {
 		}
 	}
 }
-
