@@ -23,6 +23,11 @@ type Auth struct {
 	hashes        map[string][]byte   // user -> bcrypt hash
 	push          map[string][]string // user -> prefixes; absent: any repository
 	anonymousPull bool
+	// dummy is compared against for unknown users, so an answer takes as
+	// long whether or not the user exists. Its cost is the highest of the
+	// file's (htpasswd -B uses 5, not bcrypt.DefaultCost's 10): a cheaper or
+	// dearer dummy would itself tell unknown users apart.
+	dummy []byte
 
 	mu       sync.Mutex
 	verified map[[32]byte]time.Time // sha256(user, password) -> until
@@ -45,15 +50,12 @@ type AuthConfig struct {
 // many blobs costs one bcrypt comparison, not one per request.
 const verifiedFor = 5 * time.Minute
 
-// dummyHash is compared against for unknown users, so an answer takes as
-// long whether or not the user exists.
-var dummyHash, _ = bcrypt.GenerateFromPassword([]byte("slipway-no-such-user"), bcrypt.DefaultCost)
-
 // NewAuth parses the htpasswd contents.
 func NewAuth(c AuthConfig) (*Auth, error) {
 	a := &Auth{hashes: map[string][]byte{}, push: map[string][]string{}, anonymousPull: c.AnonymousPull,
 		verified: map[[32]byte]time.Time{}}
 	sc := bufio.NewScanner(c.Htpasswd)
+	maxCost := bcrypt.MinCost
 	for n := 1; sc.Scan(); n++ {
 		line := strings.TrimSpace(sc.Text())
 		if line == "" || strings.HasPrefix(line, "#") {
@@ -63,14 +65,21 @@ func NewAuth(c AuthConfig) (*Auth, error) {
 		if !ok || user == "" {
 			return nil, fmt.Errorf("htpasswd line %d: want user:hash", n)
 		}
-		if _, err := bcrypt.Cost([]byte(hash)); err != nil {
+		cost, err := bcrypt.Cost([]byte(hash))
+		if err != nil {
 			return nil, fmt.Errorf("htpasswd line %d (user %q): not a bcrypt hash (create it with htpasswd -B)", n, user)
 		}
+		maxCost = max(maxCost, cost)
 		a.hashes[user] = []byte(hash)
 	}
 	if err := sc.Err(); err != nil {
 		return nil, fmt.Errorf("htpasswd: %w", err)
 	}
+	dummy, err := bcrypt.GenerateFromPassword([]byte("slipway-no-such-user"), maxCost)
+	if err != nil {
+		return nil, err
+	}
+	a.dummy = dummy
 	for user, prefixes := range c.Push {
 		if _, ok := a.hashes[user]; !ok {
 			return nil, fmt.Errorf("users: %q is not in the htpasswd file", user)
@@ -112,7 +121,7 @@ func (a *Auth) check(user, pass string) bool {
 	}
 	hash, known := a.hashes[user]
 	if !known {
-		hash = dummyHash
+		hash = a.dummy
 	}
 	if bcrypt.CompareHashAndPassword(hash, []byte(pass)) != nil || !known {
 		return false
