@@ -162,6 +162,10 @@ var errAuthRequired = &ociError{code: codeUnauthorized, message: "authentication
 var errAuthFailed = &ociError{code: codeUnauthorized, message: "wrong user name or password",
 	header: http.Header{"Www-Authenticate": {`Basic realm="slipway"`}}}
 
+// publicPaths need no login: probes and scrapers carry no credentials.
+// Everything else is checked, whatever its shape (default deny).
+var publicPaths = map[string]bool{"/healthz": true, "/readyz": true, "/metrics": true}
+
 // ctxUser is the authenticated user's name in echo.Context.
 const ctxUser = "slipway.user"
 
@@ -175,7 +179,7 @@ func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
 		a := s.auth
 		req := c.Request()
-		if a == nil || !strings.HasPrefix(req.URL.Path, "/v2") {
+		if a == nil || publicPaths[req.URL.Path] {
 			return next(c)
 		}
 		user, pass, hasCreds := req.BasicAuth()

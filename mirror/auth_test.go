@@ -97,6 +97,7 @@ func TestAuthMatrix(t *testing.T) {
 				{"maintenance without a user", "POST", e.url("/v2/_slipway/gc?dry_run=true"), "", "", 401},
 				{"maintenance by a limited user", "POST", e.url("/v2/_slipway/gc?dry_run=true"), "ci", "ci-secret", 403},
 				{"prefetch is a pull", "POST", e.url("/v2/_slipway/prefetch"), "", "", map[bool]int{true: 400, false: 401}[anon]},
+				{"an odd path is no way around it", "POST", e.url("//v2/ci/app/blobs/uploads/"), "", "", 401},
 				{"health needs no login", "GET", e.url("/healthz"), "", "", 200},
 				{"metrics need no login", "GET", e.url("/metrics"), "", "", 200},
 			} {
