@@ -322,6 +322,9 @@ func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 		s.metrics.observe(c, rl, src, hasSrc)
 		level := slog.LevelInfo
+		if publicPaths[c.Request().URL.Path] && c.Response().Status == http.StatusOK {
+			level = slog.LevelDebug // probes and scrapes, every few seconds
+		}
 		if e, ok := c.Get(ctxError).(error); ok {
 			attrs = append(attrs, "err", e.Error())
 			if c.Response().Status >= 500 {
