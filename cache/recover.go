@@ -7,6 +7,7 @@ import (
 	"iter"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"time"
 
@@ -106,17 +107,39 @@ func (s *Store) blobFiles(alg digest.Algorithm) (iter.Seq[string], error) {
 		return nil, fmt.Errorf("cache: %w", err)
 	}
 	return func(yield func(string) bool) {
-		for _, d := range dirs {
-			if !d.IsDir() {
-				continue
+		// Directories are listed a few ahead, on another goroutine, while
+		// the caller walks the index.
+		lists := make(chan []string, 4)
+		done := make(chan struct{})
+		defer close(done)
+		go func() {
+			defer close(lists)
+			for _, d := range dirs {
+				if !d.IsDir() {
+					continue
+				}
+				f, err := os.Open(filepath.Join(root, d.Name()))
+				if err != nil {
+					s.log.Warn("read blob directory", "err", err)
+					continue
+				}
+				names, err := f.Readdirnames(-1)
+				f.Close()
+				if err != nil {
+					s.log.Warn("read blob directory", "err", err)
+					continue
+				}
+				slices.Sort(names)
+				select {
+				case lists <- names:
+				case <-done:
+					return
+				}
 			}
-			files, err := os.ReadDir(filepath.Join(root, d.Name()))
-			if err != nil {
-				s.log.Warn("read blob directory", "err", err)
-				continue
-			}
-			for _, f := range files {
-				if !yield(f.Name()) {
+		}()
+		for names := range lists {
+			for _, n := range names {
+				if !yield(n) {
 					return
 				}
 			}
@@ -141,6 +164,7 @@ func (s *Store) reconcile(alg digest.Algorithm, r *RecoverReport) error {
 	err = s.db.View(func(txn *badger.Txn) error {
 		o := badger.DefaultIteratorOptions
 		o.Prefix = prefix
+		o.PrefetchValues = false // values are small and inline: read in place
 		it := txn.NewIterator(o)
 		defer it.Close()
 		for it.Rewind(); it.Valid(); it.Next() {
