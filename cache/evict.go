@@ -162,12 +162,15 @@ func (s *Store) planEviction(need int64) ([]candidate, error) {
 	var h newestFirst
 	var sum int64
 	err = s.db.View(func(txn *badger.Txn) error {
+		// Values are small and inline: read in place, no prefetching.
 		o := badger.DefaultIteratorOptions
 		o.Prefix = []byte{prefixBlob}
+		o.PrefetchValues = false
 		it := txn.NewIterator(o)
 		defer func() { it.Close() }()
 		ao := badger.DefaultIteratorOptions
 		ao.Prefix = []byte{prefixAccess}
+		ao.PrefetchValues = false
 		at := txn.NewIterator(ao)
 		defer at.Close()
 		at.Rewind()
