@@ -322,13 +322,17 @@ func TestVerifyCorruption(t *testing.T) {
 	os.WriteFile(p, b, 0o644)
 	os.Truncate(s.blobPath(short), 3)
 	os.Remove(s.blobPath(pushed))
+	junk := digest.FromString("an unreadable index entry")
+	if err := s.set(keyBlob(junk), []byte("x")); err != nil {
+		t.Fatal(err)
+	}
 
 	quick, err := s.Verify(context.Background(), VerifyOptions{Quick: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(quick.Problems) != 2 {
-		t.Fatalf("quick verify found %+v, want the short and missing blobs", quick.Problems)
+	if len(quick.Problems) != 3 {
+		t.Fatalf("quick verify found %+v, want the short, missing and unreadable blobs", quick.Problems)
 	}
 	var calls int
 	r, err := s.Verify(context.Background(), VerifyOptions{Progress: func(done, total int64) { calls++ }})

@@ -175,13 +175,20 @@ func (s *Store) reconcile(alg digest.Algorithm, r *RecoverReport) error {
 			}
 			if more && file == hex {
 				file, more = next()
-				var size int64
+				size := int64(-1)
 				it.Item().Value(func(v []byte) error {
 					if info, err := decodeBlob("", v); err == nil {
 						size = info.Size
 					}
 					return nil
 				})
+				if size < 0 {
+					// An unreadable entry: index the file again if
+					// it verifies.
+					drop = append(drop, it.Item().KeyCopy(nil))
+					adopt = append(adopt, hex)
+					continue
+				}
 				r.Blobs++
 				r.Bytes += size
 				continue

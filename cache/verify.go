@@ -208,6 +208,12 @@ func (s *Store) dropBad(info BlobInfo, p *Problem) error {
 		p.Action = "gone"
 		return nil
 	}
+	if errors.Is(err, errCorruptValue) {
+		// An unreadable entry: nothing to keep. The running total never
+		// counted it, so only the key goes.
+		p.Action = "removed"
+		return s.db.Update(func(txn *badger.Txn) error { return txn.Delete(keyBlob(info.Digest)) })
+	}
 	if err != nil {
 		return err
 	}
