@@ -3,6 +3,7 @@ package mirror
 import (
 	"fmt"
 	"io"
+	"math"
 	"net/http"
 	"strconv"
 	"strings"
@@ -321,6 +322,10 @@ func chunkRange(req *http.Request) (start, length int64, err error) {
 	}
 	if end < start {
 		return 0, 0, newError(codeRangeInvalid, "Content-Range ends before it starts")
+	}
+	if end >= math.MaxInt64-1 {
+		// end+1 would overflow; no upload is that big.
+		return 0, 0, newError(codeRangeInvalid, "Content-Range is out of range")
 	}
 	length = end - start + 1
 	if req.ContentLength >= 0 && req.ContentLength != length {
