@@ -760,30 +760,11 @@ func TestBaseEndpoint(t *testing.T) {
 	}
 }
 
-// do sends one request and returns the response with its body read (and
-// restored, so callers may read it again).
+// do sends one request without a body (see send) and returns the response
+// with its body read.
 func do(t *testing.T, method, url string, h http.Header) *http.Response {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, method, url, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for k, v := range h {
-		req.Header[k] = v
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		t.Fatalf("%s %s: %v", method, url, err)
-	}
-	body, err := io.ReadAll(resp.Body)
-	resp.Body.Close()
-	if err != nil {
-		t.Fatalf("%s %s: reading body: %v", method, url, err)
-	}
-	resp.Body = io.NopCloser(bytes.NewReader(body))
-	return resp
+	return send(t, method, url, nil, h)
 }
 
 // expectError checks status and the OCI error body's first code (HEAD: no
