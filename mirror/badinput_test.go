@@ -170,7 +170,9 @@ func TestBadInputTable(t *testing.T) {
 				t.Errorf("status %d, want %d (body %.200s)", resp.StatusCode, c.status, b)
 			}
 			if c.code != "" {
-				var eb struct{ Errors []struct{ Code, Message string } }
+				var eb struct {
+					Errors []struct{ Code, Message string }
+				}
 				if err := json.Unmarshal(b, &eb); err != nil || len(eb.Errors) == 0 || eb.Errors[0].Code != c.code {
 					t.Errorf("body %.200s, want code %s", b, c.code)
 				}
