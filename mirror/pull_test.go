@@ -127,7 +127,8 @@ type pullEnv struct {
 
 const testTagTTL = time.Minute
 
-func newPullEnv(t testing.TB, dockerHub bool) *pullEnv {
+// newPullEnv starts the mirror; fillOpts may change the Filler's options.
+func newPullEnv(t testing.TB, dockerHub bool, fillOpts ...func(*upstream.FillerOptions)) *pullEnv {
 	t.Helper()
 	e := &pullEnv{up: newFakeUpstream(t), clock: &fakeClock{t: time.Unix(1_800_000_000, 0)}, dir: t.TempDir()}
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -143,7 +144,11 @@ func newPullEnv(t testing.TB, dockerHub bool) *pullEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	e.fills = upstream.NewFiller(st, upstream.FillerOptions{Logger: log, IdleTimeout: 20 * time.Second})
+	fo := upstream.FillerOptions{Logger: log, IdleTimeout: 20 * time.Second}
+	for _, o := range fillOpts {
+		o(&fo)
+	}
+	e.fills = upstream.NewFiller(st, fo)
 	p := upstream.NewProxy(c, st, e.fills, upstream.ProxyOptions{Logger: log, TagTTL: testTagTTL, Now: e.clock.Now})
 	s, err := New(Config{Store: st, Upstreams: []Upstream{{Proxy: p, DockerHub: dockerHub}}, Logger: log})
 	if err != nil {
