@@ -86,28 +86,7 @@ func (s *Store) DeleteTag(ns, repo, tag string) error {
 // Tags lists the tags of ns/repo in lexical order, at most n of them
 // (n <= 0: all) starting after last.
 func (s *Store) Tags(ns, repo string, last string, n int) ([]string, error) {
-	prefix := keyTagPrefix(ns, repo)
-	var tags []string
-	err := s.db.View(func(txn *badger.Txn) error {
-		o := badger.DefaultIteratorOptions
-		o.PrefetchValues = false
-		o.Prefix = prefix
-		it := txn.NewIterator(o)
-		defer it.Close()
-		start := prefix
-		if last != "" {
-			start = append(append([]byte{}, prefix...), last...)
-			start = append(start, 0) // first key after last
-		}
-		for it.Seek(start); it.ValidForPrefix(prefix); it.Next() {
-			tags = append(tags, string(it.Item().Key()[len(prefix):]))
-			if n > 0 && len(tags) == n {
-				break
-			}
-		}
-		return nil
-	})
-	return tags, err
+	return s.list(keyTagPrefix(ns, repo), last, n)
 }
 
 // Link records that ns/repo references digests (a blob or manifest it

@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/rand"
 	"crypto/sha256"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -776,31 +775,7 @@ func do(t *testing.T, method, url string, h http.Header) *http.Response {
 // body at all).
 func expectError(t *testing.T, method, url string, h http.Header, status int, code string) *http.Response {
 	t.Helper()
-	resp := do(t, method, url, h)
-	body, _ := io.ReadAll(resp.Body)
-	if resp.StatusCode != status {
-		t.Errorf("%s %s: status %d, want %d (body %s)", method, url, resp.StatusCode, status, body)
-	}
-	if method == http.MethodHead {
-		if len(body) != 0 {
-			t.Errorf("HEAD %s: error with a body", url)
-		}
-		return resp
-	}
-	var eb struct {
-		Errors []struct{ Code, Message string }
-	}
-	if err := json.Unmarshal(body, &eb); err != nil || len(eb.Errors) == 0 {
-		t.Errorf("%s %s: not an OCI error body: %q", method, url, body)
-		return resp
-	}
-	if eb.Errors[0].Code != code || eb.Errors[0].Message == "" {
-		t.Errorf("%s %s: code %q (%q), want %q", method, url, eb.Errors[0].Code, eb.Errors[0].Message, code)
-	}
-	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
-		t.Errorf("%s %s: error Content-Type %q", method, url, ct)
-	}
-	return resp
+	return expectErrorBody(t, method, url, nil, h, status, code)
 }
 
 func waitFor(t *testing.T, what string, cond func() bool) {

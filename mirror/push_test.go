@@ -849,6 +849,11 @@ func expectErrorBody(t *testing.T, method, url string, body []byte, h http.Heade
 	resp.Body = io.NopCloser(bytes.NewReader(b))
 	if resp.StatusCode != status {
 		t.Errorf("%s %s: status %d, want %d (body %s)", method, url, resp.StatusCode, status, b)
+	}
+	if method == http.MethodHead {
+		if len(b) != 0 {
+			t.Errorf("HEAD %s: error with a body", url)
+		}
 		return resp
 	}
 	var eb struct {
@@ -860,6 +865,9 @@ func expectErrorBody(t *testing.T, method, url string, body []byte, h http.Heade
 	}
 	if eb.Errors[0].Code != code || eb.Errors[0].Message == "" {
 		t.Errorf("%s %s: code %q (%q), want %q", method, url, eb.Errors[0].Code, eb.Errors[0].Message, code)
+	}
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "application/json") {
+		t.Errorf("%s %s: error Content-Type %q", method, url, ct)
 	}
 	return resp
 }
