@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Measures slipway, distribution 2.8 (Debian's docker-registry) and a
+# ceiling server with slipbench, one after the other on this machine, and
+# prints slipway's ratios against the targets of issue 7.
+#
+#   bash cmd/slipbench/compare.sh                  # full sizes, ~5 minutes
+#   bash cmd/slipbench/compare.sh --blob-size 64MiB --cold-size 16MiB \
+#     --push-size 64MiB --pusher-size 16MiB --duration 2s   # a quick look
+#
+# Extra arguments go to every `slipbench run`. Results land in
+# $SLIPBENCH_OUT (default ./slipbench-out) as JSON, with the servers' logs.
+# distribution runs in proxy mode for the read scenarios and in plain mode
+# for the push scenario, since its proxy mode refuses pushes. Without
+# docker-registry (and no root to install it) it is left out.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+out=${SLIPBENCH_OUT:-$PWD/slipbench-out}
+mkdir -p "$out"
+export BIN="$out/bin"
+go build -o "$BIN/slipway" ./cmd/slipway
+go build -o "$BIN/slipbench" ./cmd/slipbench
+
+if ! command -v docker-registry >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry >/dev/null ||
+		echo "compare.sh: could not install docker-registry; distribution is left out" >&2
+fi
+
+# The servers' commands: each gets SLIPBENCH_LISTEN, SLIPBENCH_UPSTREAM and
+# SLIPBENCH_DATA from slipbench and execs the server.
+slipway='exec "$BIN/slipway" serve --listen "$SLIPBENCH_LISTEN" --upstream "$SLIPBENCH_UPSTREAM" --data-dir "$SLIPBENCH_DATA" --log-level warn'
+ceiling='exec "$BIN/slipbench" ceiling --listen "$SLIPBENCH_LISTEN" --upstream "$SLIPBENCH_UPSTREAM" --dir "$SLIPBENCH_DATA"'
+# distribution's config as Debian ships it (in-memory blob descriptor
+# cache), minus auth, with the access log off as slipway's is.
+distribution_config='cat > "$SLIPBENCH_DATA/config.yml" <<YML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  cache:
+    blobdescriptor: inmemory
+  filesystem:
+    rootdirectory: $SLIPBENCH_DATA/storage
+  delete:
+    enabled: true
+http:
+  addr: $SLIPBENCH_LISTEN
+YML
+'
+distribution_proxy="$distribution_config"'printf "proxy:\n  remoteurl: %s\n" "$SLIPBENCH_UPSTREAM" >> "$SLIPBENCH_DATA/config.yml"
+exec docker-registry serve "$SLIPBENCH_DATA/config.yml"'
+distribution_plain="$distribution_config"'exec docker-registry serve "$SLIPBENCH_DATA/config.yml"'
+
+results=("$out/slipway.json")
+"$BIN/slipbench" run --name ceiling --scenarios warm-blob,warm-manifest \
+	--server "$ceiling" --json "$out/ceiling.json" --server-log "$out/ceiling.log" "$@"
+if command -v docker-registry >/dev/null 2>&1; then
+	"$BIN/slipbench" run --name distribution --server "$distribution_proxy" --push-server "$distribution_plain" \
+		--json "$out/distribution.json" --server-log "$out/distribution.log" "$@"
+	results+=("$out/distribution.json")
+fi
+"$BIN/slipbench" run --name slipway --server "$slipway" \
+	--json "$out/slipway.json" --server-log "$out/slipway.log" "$@"
+results+=("$out/ceiling.json")
+
+echo
+"$BIN/slipbench" compare "${results[@]}"

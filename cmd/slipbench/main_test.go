@@ -1,0 +1,146 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The tool runs every scenario, small, against the real slipway binary and
+// against its own ceiling, and compares them: the numbers are not judged
+// here (that is what the tool is for), but what must hold whatever the
+// machine is: no errors, exactly one upstream GET for the joined cold
+// fill, none for warm reads, every pushed blob read back whole.
+
+var bins string // directory with slipway and slipbench built for the tests
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "slipbench-test-")
+	if err != nil {
+		panic(err)
+	}
+	for _, pkg := range []string{"slipway", "slipbench"} {
+		out, err := exec.Command("go", "build", "-o", filepath.Join(dir, pkg), "../"+pkg).CombinedOutput()
+		if err != nil {
+			os.RemoveAll(dir)
+			panic("go build ../" + pkg + ": " + string(out))
+		}
+	}
+	bins = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func smallConfig(t *testing.T, name, server string, scenarios ...string) runConfig {
+	c := runConfig{
+		name: name, server: server, pushServer: server, scenarios: map[string]bool{},
+		work: t.TempDir(), upstreamListen: "127.0.0.1:0",
+		blobSize: 4 << 20, coldSize: 2 << 20, pushSize: 8 << 20, chunkSize: 3 << 20, pusherSize: 1 << 20,
+		clients: 3, reps: 2, conns: 4, coldClients: 8, pushers: 4, duration: 300 * time.Millisecond,
+		serverLog: filepath.Join(t.TempDir(), "server.log"),
+	}
+	for _, s := range scenarios {
+		c.scenarios[s] = true
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			b, _ := os.ReadFile(c.serverLog)
+			t.Logf("server output:\n%s", b)
+		}
+	})
+	return c
+}
+
+func TestRunAgainstSlipwayAndCeiling(t *testing.T) {
+	t.Setenv("BIN", bins)
+	var log bytes.Buffer
+	c := smallConfig(t, "slipway", `exec "$BIN/slipway" serve --listen "$SLIPBENCH_LISTEN" --upstream "$SLIPBENCH_UPSTREAM" --data-dir "$SLIPBENCH_DATA" --log-level warn`, allScenarios...)
+	res, err := run(c, &log)
+	if err != nil {
+		t.Fatalf("run: %v\n%s", err, log.String())
+	}
+	if w := res.WarmBlob; w == nil || w.GiBps1 <= 0 || w.GiBpsN <= 0 || w.CPUSecondsPerGiBN <= 0 || w.UpstreamGETsWhileWarm != 0 {
+		t.Errorf("warm blob: %+v", w)
+	}
+	if m := res.WarmManifest; m == nil || m.Requests == 0 || m.Errors != 0 || m.UpstreamRequests != 0 {
+		t.Errorf("warm manifest: %+v", m)
+	}
+	if cf := res.ColdFill; cf == nil || cf.UpstreamGETs != 1 || cf.Errors != 0 || cf.Total.MaxMs <= 0 || cf.SlowestOverSingle <= 0 {
+		t.Errorf("cold fill: %+v", cf)
+	}
+	if p := res.Push; p == nil || p.DDMBps <= 0 || p.MonolithicMBps <= 0 || p.ChunkedMBps <= 0 || p.ConcurrentErrors != 0 {
+		t.Errorf("push: %+v", p)
+	}
+	if res.PeakRSSAfterWarmBlobMiB <= 0 || res.PeakRSSAfterColdFillMiB < res.PeakRSSAfterWarmBlobMiB {
+		t.Errorf("peak RSS after warm blob %.1f MiB, after cold fill %.1f MiB", res.PeakRSSAfterWarmBlobMiB, res.PeakRSSAfterColdFillMiB)
+	}
+
+	cc := smallConfig(t, "ceiling", `exec "$BIN/slipbench" ceiling --listen "$SLIPBENCH_LISTEN" --upstream "$SLIPBENCH_UPSTREAM" --dir "$SLIPBENCH_DATA"`, "warm-blob", "warm-manifest")
+	ceil, err := run(cc, &log)
+	if err != nil {
+		t.Fatalf("ceiling: %v\n%s", err, log.String())
+	}
+	if ceil.WarmBlob == nil || ceil.WarmManifest == nil || ceil.WarmManifest.Errors != 0 || ceil.ColdFill != nil || ceil.Push != nil {
+		t.Errorf("ceiling ran %+v", ceil)
+	}
+
+	dir := t.TempDir()
+	var paths []string
+	for _, r := range []*result{res, ceil} {
+		p := filepath.Join(dir, r.Name+".json")
+		if err := writeJSON(p, r); err != nil {
+			t.Fatal(err)
+		}
+		paths = append(paths, p)
+	}
+	var out bytes.Buffer
+	if err := compareCommand(paths, &out); err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"warm blob 1 client ÷ ceiling", "warm manifest p99 ÷ ceiling", "cold fill upstream GETs", "push chunked ÷ dd"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("compare output lacks %q:\n%s", want, out.String())
+		}
+	}
+}
+
+func TestServerThatDoesNotStart(t *testing.T) {
+	c := smallConfig(t, "broken", "exit 3", "warm-manifest")
+	_, err := run(c, &bytes.Buffer{})
+	if err == nil || !strings.Contains(err.Error(), "exited before it was ready") {
+		t.Fatalf("run with a server that exits: %v", err)
+	}
+}
+
+func TestBadArguments(t *testing.T) {
+	for _, args := range [][]string{
+		{},
+		{"frobnicate"},
+		{"run"},
+		{"run", "--server", "true", "--scenarios", "warm-blob,teleport"},
+		{"run", "--server", "true", "--push-size", "5MiB"},
+		{"run", "--server", "true", "--blob-size", "-1"},
+		{"run", "--server", "true", "--cold-size", "1TB"},
+		{"run", "--server", "true", "--conns", "0"},
+		{"ceiling"},
+		{"compare"},
+		{"compare", "/nonexistent.json"},
+	} {
+		if err := dispatch(args, &bytes.Buffer{}, &bytes.Buffer{}); err == nil {
+			t.Errorf("slipbench %q: no error", args)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"1": 1, "64KiB": 64 << 10, "256MiB": 256 << 20, "1GiB": 1 << 30} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+}

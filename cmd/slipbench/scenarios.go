@@ -1,0 +1,476 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/opencontainers/go-digest"
+)
+
+// bench runs the scenarios of one registry under test against one seeded
+// upstream and fills in a result.
+type bench struct {
+	cfg runConfig
+	up  *seededUpstream
+	res *result
+	log io.Writer
+
+	warmLayer, coldSingle, coldShared digest.Digest
+	manifest                          []byte // the warm image's
+}
+
+var manifestAccept = http.Header{"Accept": {
+	"application/vnd.oci.image.manifest.v1+json",
+	"application/vnd.oci.image.index.v1+json",
+	"application/vnd.docker.distribution.manifest.v2+json",
+	"application/vnd.docker.distribution.manifest.list.v2+json",
+}}
+
+func (b *bench) logf(format string, args ...any) {
+	fmt.Fprintf(b.log, "slipbench %s: "+format+"\n", append([]any{b.cfg.name}, args...)...)
+}
+
+// seed puts the warm image (one layer of blob-size bytes) and two cold
+// blobs into the upstream.
+func (b *bench) seed() error {
+	var err error
+	layer := randomBlob(b.cfg.blobSize, 1)
+	if b.warmLayer, b.manifest, err = b.up.seedImage(repoWarm, tagWarm, layer); err != nil {
+		return err
+	}
+	if b.cfg.runs("cold-fill") {
+		one := randomBlob(b.cfg.coldSize, 2)
+		b.coldSingle = digest.FromBytes(one)
+		b.up.blobs.add(b.coldSingle, one)
+		shared := randomBlob(b.cfg.coldSize, 3)
+		b.coldShared = digest.FromBytes(shared)
+		b.up.blobs.add(b.coldShared, shared)
+	}
+	return nil
+}
+
+// warmBlob: the blob is pulled once (a fill) and checked, then read by 1
+// client and by N clients at once, measuring GiB/s and the server's CPU
+// seconds per GiB served.
+func (b *bench) warmBlob(s *server) error {
+	r := &warmBlobResult{SizeBytes: b.cfg.blobSize, Clients: b.cfg.clients}
+	b.res.WarmBlob = r
+	u := s.URL + "/v2/" + repoWarm + "/blobs/" + string(b.warmLayer)
+	c := &http.Client{Transport: newTransport()}
+	buf := make([]byte, readBuf)
+	for i := 0; i < 2; i++ { // the fill, then a first hit; both checked
+		f, err := fetchOK(c, u, nil, buf, b.cfg.blobSize, true)
+		if err != nil {
+			return err
+		}
+		if f.digest != string(b.warmLayer) {
+			return fmt.Errorf("GET %s: body has digest %s", u, f.digest)
+		}
+		if i == 0 {
+			r.FirstPullSeconds = f.total.Seconds()
+		}
+	}
+	before := b.up.count("GET blob " + string(b.warmLayer))
+
+	gbs, cpu, err := b.measure(s, func() error {
+		for i := 0; i < b.cfg.reps; i++ {
+			if _, err := fetchOK(c, u, nil, buf, b.cfg.blobSize, false); err != nil {
+				return err
+			}
+		}
+		return nil
+	}, int64(b.cfg.reps)*b.cfg.blobSize)
+	if err != nil {
+		return err
+	}
+	r.GiBps1, r.CPUSecondsPerGiB1 = gbs, cpu
+
+	clients := make([]*http.Client, b.cfg.clients)
+	bufs := make([][]byte, b.cfg.clients)
+	for i := range clients {
+		clients[i] = &http.Client{Transport: newTransport()}
+		bufs[i] = make([]byte, readBuf)
+	}
+	gbs, cpu, err = b.measure(s, func() error {
+		for rep := 0; rep < b.cfg.reps; rep++ {
+			if err := parallel(b.cfg.clients, func(i int) error {
+				_, err := fetchOK(clients[i], u, nil, bufs[i], b.cfg.blobSize, false)
+				return err
+			}); err != nil {
+				return err
+			}
+		}
+		return nil
+	}, int64(b.cfg.reps*b.cfg.clients)*b.cfg.blobSize)
+	if err != nil {
+		return err
+	}
+	r.GiBpsN, r.CPUSecondsPerGiBN = gbs, cpu
+	r.UpstreamGETsWhileWarm = b.up.count("GET blob "+string(b.warmLayer)) - before
+	b.logf("warm blob: %.2f GiB/s with 1 client, %.2f GiB/s with %d", r.GiBps1, r.GiBpsN, r.Clients)
+	return nil
+}
+
+// measure runs work and returns GiB/s over bytes and the server's CPU
+// seconds per GiB.
+func (b *bench) measure(s *server, work func() error, bytes int64) (gibps, cpuPerGiB float64, err error) {
+	cpu0, err := cpuSeconds(s.Pid())
+	if err != nil {
+		return 0, 0, err
+	}
+	t0 := time.Now()
+	if err := work(); err != nil {
+		return 0, 0, err
+	}
+	el := time.Since(t0)
+	cpu1, err := cpuSeconds(s.Pid())
+	if err != nil {
+		return 0, 0, err
+	}
+	g := float64(bytes) / gib
+	return g / el.Seconds(), (cpu1 - cpu0) / g, nil
+}
+
+// warmManifest: N connections GET the manifest by tag for a fixed time,
+// inside the tag's freshness window.
+func (b *bench) warmManifest(s *server) error {
+	r := &warmManifestResult{Conns: b.cfg.conns, Seconds: b.cfg.duration.Seconds()}
+	b.res.WarmManifest = r
+	u := s.URL + "/v2/" + repoWarm + "/manifests/" + tagWarm
+	c := &http.Client{Transport: newTransport()}
+	buf := make([]byte, 64<<10)
+	for i := 0; i < 2; i++ {
+		f, err := fetchOK(c, u, manifestAccept, buf, 0, true)
+		if err != nil {
+			return err
+		}
+		if want := digest.FromBytes(b.manifest); f.digest != string(want) {
+			return fmt.Errorf("GET %s: body has digest %s, want %s", u, f.digest, want)
+		}
+	}
+	size := int64(len(b.manifest))
+
+	before := b.up.total.Load()
+	lat := make([][]time.Duration, b.cfg.conns)
+	errs := make([]int64, b.cfg.conns)
+	var first error
+	var mu sync.Mutex
+	deadline := time.Now().Add(b.cfg.duration)
+	t0 := time.Now()
+	parallel(b.cfg.conns, func(i int) error {
+		c := &http.Client{Transport: newTransport()}
+		buf := make([]byte, 64<<10)
+		l := make([]time.Duration, 0, 1<<14)
+		for time.Now().Before(deadline) {
+			f, err := fetchOK(c, u, manifestAccept, buf, size, false)
+			if err != nil {
+				errs[i]++
+				mu.Lock()
+				if first == nil {
+					first = err
+				}
+				mu.Unlock()
+				time.Sleep(time.Millisecond) // a refused connection must not spin
+				continue
+			}
+			l = append(l, f.total)
+		}
+		lat[i] = l
+		return nil
+	})
+	el := time.Since(t0)
+	r.UpstreamRequests = b.up.total.Load() - before
+	var all []time.Duration
+	for i := range lat {
+		all = append(all, lat[i]...)
+		r.Errors += errs[i]
+	}
+	if first != nil {
+		r.FirstError = first.Error()
+	}
+	s2 := sortedCopy(all)
+	r.Requests = int64(len(s2))
+	r.RPS = float64(len(s2)) / el.Seconds()
+	r.P50Ms, r.P99Ms = ms(percentile(s2, 50)), ms(percentile(s2, 99))
+	if len(s2) > 0 {
+		r.MaxMs = ms(s2[len(s2)-1])
+	}
+	b.logf("warm manifest: %.0f req/s, p50 %.2f ms, p99 %.2f ms, %d upstream requests, %d errors", r.RPS, r.P50Ms, r.P99Ms, r.UpstreamRequests, r.Errors)
+	return nil
+}
+
+// coldFill: one client pulls an uncached blob alone; then N clients ask at
+// the same moment for another uncached blob of the same size.
+func (b *bench) coldFill(s *server) error {
+	r := &coldFillResult{SizeBytes: b.cfg.coldSize, Clients: b.cfg.coldClients}
+	b.res.ColdFill = r
+	c := &http.Client{Transport: newTransport()}
+	buf := make([]byte, readBuf)
+	u := s.URL + "/v2/" + repoCold + "/blobs/"
+	f, err := fetchOK(c, u+string(b.coldSingle), nil, buf, b.cfg.coldSize, true)
+	if err != nil {
+		return err
+	}
+	if f.digest != string(b.coldSingle) {
+		return fmt.Errorf("cold blob has digest %s, want %s", f.digest, b.coldSingle)
+	}
+	r.SingleSeconds, r.SingleTTFBMs = f.total.Seconds(), ms(f.ttfb)
+
+	// Every client gets its own connection, opened before the start, so
+	// that the requests leave together.
+	n := b.cfg.coldClients
+	clients := make([]*http.Client, n)
+	bufs := make([][]byte, n)
+	for i := range clients {
+		clients[i] = &http.Client{Transport: newTransport()}
+		bufs[i] = make([]byte, readBuf)
+		if _, err := fetch(clients[i], s.URL+"/v2/", nil, bufs[i], false); err != nil {
+			return err
+		}
+	}
+	start := make(chan struct{})
+	totals := make([]time.Duration, n)
+	ttfbs := make([]time.Duration, n)
+	firstByteAt := make([]time.Time, n)
+	var wg sync.WaitGroup
+	errc := make(chan error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			<-start
+			t0 := time.Now()
+			f, err := fetchOK(clients[i], u+string(b.coldShared), nil, bufs[i], b.cfg.coldSize, false)
+			if err != nil {
+				errc <- err
+				return
+			}
+			totals[i], ttfbs[i], firstByteAt[i] = f.total, f.ttfb, t0.Add(f.ttfb)
+		}()
+	}
+	time.Sleep(50 * time.Millisecond) // let every goroutine reach the gate
+	close(start)
+	wg.Wait()
+	close(errc)
+	for err := range errc {
+		r.Errors++
+		if r.FirstError == "" {
+			r.FirstError = err.Error()
+		}
+	}
+	r.UpstreamGETs = b.up.count("GET blob " + string(b.coldShared))
+	r.Total, r.TTFB = spreadOf(totals), spreadOf(ttfbs)
+	lo, hi := firstByteAt[0], firstByteAt[0]
+	for _, t := range firstByteAt {
+		if t.Before(lo) {
+			lo = t
+		}
+		if t.After(hi) {
+			hi = t
+		}
+	}
+	r.FirstByteSpreadMs = ms(hi.Sub(lo))
+	r.SlowestOverSingle = r.Total.MaxMs / 1000 / r.SingleSeconds
+	// One checked read afterwards: the shared blob is stored whole.
+	f, err = fetchOK(c, u+string(b.coldShared), nil, buf, b.cfg.coldSize, true)
+	if err != nil {
+		return err
+	}
+	if f.digest != string(b.coldShared) {
+		return fmt.Errorf("cold blob has digest %s after the fill, want %s", f.digest, b.coldShared)
+	}
+	b.logf("cold fill: %d upstream GETs, slowest %.2f s = %.2f × single %.2f s, first bytes within %.0f ms, %d errors",
+		r.UpstreamGETs, r.Total.MaxMs/1000, r.SlowestOverSingle, r.SingleSeconds, r.FirstByteSpreadMs, r.Errors)
+	return nil
+}
+
+// push: dd of the same size on the same disk sets the bar; then a
+// monolithic and a chunked push, then N concurrent pushes of one blob.
+func (b *bench) push(s *server, workDir string) error {
+	r := &pushResult{SizeBytes: b.cfg.pushSize, ChunkBytes: b.cfg.chunkSize, Pushers: b.cfg.pushers, PusherBytes: b.cfg.pusherSize}
+	b.res.Push = r
+
+	ddFile := filepath.Join(workDir, "dd.bin")
+	t0 := time.Now()
+	dd := exec.Command("dd", "if=/dev/zero", "of="+ddFile, "bs=4M", fmt.Sprintf("count=%d", b.cfg.pushSize>>22), "conv=fsync")
+	if out, err := dd.CombinedOutput(); err != nil {
+		return fmt.Errorf("dd: %v: %s", err, out)
+	}
+	r.DDMBps = float64(b.cfg.pushSize>>22<<22) / 1e6 / time.Since(t0).Seconds()
+	os.Remove(ddFile)
+
+	c := &http.Client{Transport: newTransport()}
+	blob := randomBlob(b.cfg.pushSize, 4)
+	d := digest.FromBytes(blob)
+	t0 = time.Now()
+	if err := pushMonolithic(c, s.URL, repoPush, blob, d); err != nil {
+		return err
+	}
+	r.MonolithicMBps = float64(len(blob)) / 1e6 / time.Since(t0).Seconds()
+	if err := b.checkBlob(c, s.URL, repoPush, d, int64(len(blob))); err != nil {
+		return err
+	}
+
+	blob[0] ^= 0xff // another blob of the same size
+	d = digest.FromBytes(blob)
+	t0 = time.Now()
+	if err := pushChunked(c, s.URL, repoPush, blob, d, b.cfg.chunkSize); err != nil {
+		return err
+	}
+	r.ChunkedMBps = float64(len(blob)) / 1e6 / time.Since(t0).Seconds()
+	if err := b.checkBlob(c, s.URL, repoPush, d, int64(len(blob))); err != nil {
+		return err
+	}
+	r.MonolithicOverDD, r.ChunkedOverDD = r.MonolithicMBps/r.DDMBps, r.ChunkedMBps/r.DDMBps
+
+	one := blob[:b.cfg.pusherSize]
+	one[0] ^= 0x0f
+	d = digest.FromBytes(one)
+	t0 = time.Now()
+	var mu sync.Mutex
+	parallel(b.cfg.pushers, func(int) error {
+		c := &http.Client{Transport: newTransport()}
+		if err := pushMonolithic(c, s.URL, repoPush+"16", one, d); err != nil {
+			mu.Lock()
+			r.ConcurrentErrors++
+			if r.FirstError == "" {
+				r.FirstError = err.Error()
+			}
+			mu.Unlock()
+		}
+		return nil
+	})
+	r.ConcurrentSeconds = time.Since(t0).Seconds()
+	if err := b.checkBlob(c, s.URL, repoPush+"16", d, int64(len(one))); err != nil {
+		return err
+	}
+	b.logf("push: dd %.0f MB/s; monolithic %.0f MB/s (%.2f × dd), chunked %.0f MB/s (%.2f × dd); %d × one blob: %.1f s, %d errors",
+		r.DDMBps, r.MonolithicMBps, r.MonolithicOverDD, r.ChunkedMBps, r.ChunkedOverDD, r.Pushers, r.ConcurrentSeconds, r.ConcurrentErrors)
+	return nil
+}
+
+func (b *bench) checkBlob(c *http.Client, base, repo string, d digest.Digest, size int64) error {
+	f, err := fetchOK(c, base+"/v2/"+repo+"/blobs/"+string(d), nil, make([]byte, readBuf), size, true)
+	if err != nil {
+		return fmt.Errorf("reading back a pushed blob: %w", err)
+	}
+	if f.digest != string(d) {
+		return fmt.Errorf("pushed %s, read back %s", d, f.digest)
+	}
+	return nil
+}
+
+// startUpload POSTs an upload session and returns its absolute location.
+func startUpload(c *http.Client, base, repo string) (string, error) {
+	resp, err := c.Post(base+"/v2/"+repo+"/blobs/uploads/", "", nil)
+	if err != nil {
+		return "", err
+	}
+	io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusAccepted {
+		return "", fmt.Errorf("POST upload: status %d", resp.StatusCode)
+	}
+	return location(base, resp)
+}
+
+func location(base string, resp *http.Response) (string, error) {
+	b, err := url.Parse(base)
+	if err != nil {
+		return "", err
+	}
+	l, err := url.Parse(resp.Header.Get("Location"))
+	if err != nil || resp.Header.Get("Location") == "" {
+		return "", fmt.Errorf("upload answer %d without a usable Location", resp.StatusCode)
+	}
+	return b.ResolveReference(l).String(), nil
+}
+
+func withDigest(loc string, d digest.Digest) string {
+	u, _ := url.Parse(loc)
+	q := u.Query()
+	q.Set("digest", string(d))
+	u.RawQuery = q.Encode()
+	return u.String()
+}
+
+// send does one request with a body and wants status want.
+func send(c *http.Client, method, u string, body []byte, header map[string]string, want int) (*http.Response, error) {
+	req, err := http.NewRequest(method, u, bytes.NewReader(body))
+	if err != nil {
+		return nil, err
+	}
+	req.ContentLength = int64(len(body))
+	req.Header.Set("Content-Type", "application/octet-stream")
+	for k, v := range header {
+		req.Header.Set(k, v)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	resp.Body.Close()
+	if resp.StatusCode != want {
+		return nil, fmt.Errorf("%s %s: status %d, want %d: %s", method, u, resp.StatusCode, want, msg)
+	}
+	return resp, nil
+}
+
+// pushMonolithic is POST then one PUT with the whole blob.
+func pushMonolithic(c *http.Client, base, repo string, blob []byte, d digest.Digest) error {
+	loc, err := startUpload(c, base, repo)
+	if err != nil {
+		return err
+	}
+	_, err = send(c, http.MethodPut, withDigest(loc, d), blob, nil, http.StatusCreated)
+	return err
+}
+
+// pushChunked is POST, a PATCH per chunk with Content-Range, then PUT.
+func pushChunked(c *http.Client, base, repo string, blob []byte, d digest.Digest, chunk int64) error {
+	loc, err := startUpload(c, base, repo)
+	if err != nil {
+		return err
+	}
+	for off := int64(0); off < int64(len(blob)); off += chunk {
+		end := min(off+chunk, int64(len(blob)))
+		resp, err := send(c, http.MethodPatch, loc, blob[off:end], map[string]string{"Content-Range": fmt.Sprintf("%d-%d", off, end-1)}, http.StatusAccepted)
+		if err != nil {
+			return err
+		}
+		if loc, err = location(base, resp); err != nil {
+			return err
+		}
+	}
+	_, err = send(c, http.MethodPut, withDigest(loc, d), nil, nil, http.StatusCreated)
+	return err
+}
+
+// parallel runs f(0..n-1) at once and returns the first error.
+func parallel(n int, f func(i int) error) error {
+	var wg sync.WaitGroup
+	errs := make([]error, n)
+	for i := 0; i < n; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f(i)
+		}()
+	}
+	wg.Wait()
+	for _, err := range errs {
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
