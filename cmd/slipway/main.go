@@ -89,6 +89,8 @@ type serveConfig struct {
 	tlsKey          string
 	htpasswd        string
 	anonymousPull   bool
+	readHeader      time.Duration
+	bodyStall       time.Duration
 
 	file        *fileConfig // the config file's contents, if any
 	upstreamSet bool        // --upstream or SLIPWAY_UPSTREAM was given
@@ -119,6 +121,8 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS private key file (PEM)")
 	fs.StringVar(&c.htpasswd, "htpasswd", "", "htpasswd file with bcrypt entries (htpasswd -B): clients must log in to push")
 	fs.BoolVar(&c.anonymousPull, "anonymous-pull", true, "with --htpasswd, let clients without credentials pull")
+	fs.DurationVar(&c.readHeader, "read-header-timeout", 10*time.Second, "close a connection whose request headers are not complete this long after it opened or went idle")
+	fs.DurationVar(&c.bodyStall, "body-stall-timeout", time.Minute, "cut off a request body (a push) that brings less than 4 KiB in this long; 0: never")
 	c.life.register(fs)
 	return fs, c
 }
@@ -145,6 +149,9 @@ func parseServe(args []string, stderr io.Writer) (*serveConfig, error) {
 	}
 	if fs.NArg() > 0 {
 		return nil, fmt.Errorf("unexpected arguments: %v", fs.Args())
+	}
+	if c.readHeader <= 0 {
+		return nil, errors.New("--read-header-timeout must be positive")
 	}
 	_, c.upstreamSet = os.LookupEnv("SLIPWAY_UPSTREAM")
 	fs.Visit(func(f *flag.Flag) {
@@ -285,9 +292,12 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 	if err != nil {
 		return err
 	}
+	// No ReadTimeout or WriteTimeout: a pull or push of a big blob may take
+	// as long as it needs while it makes progress. Slow clients are bounded
+	// by ReadHeaderTimeout (slowloris) and stallGuard (trickled bodies).
 	hs := &http.Server{
-		Handler:           srv.Handler(),
-		ReadHeaderTimeout: 10 * time.Second,
+		Handler:           stallGuard(srv.Handler(), c.bodyStall),
+		ReadHeaderTimeout: c.readHeader,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
@@ -306,7 +316,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 			hs.Close()
 			return fmt.Errorf("--metrics-listen: %w", err)
 		}
-		ms = &http.Server{Handler: srv.MetricsHandler(), ReadHeaderTimeout: 10 * time.Second}
+		ms = &http.Server{Handler: srv.MetricsHandler(), ReadHeaderTimeout: c.readHeader}
 		go func() { errc <- ms.Serve(mln) }()
 		log.Info("metrics serving", "addr", mln.Addr().String())
 	}
@@ -360,3 +370,63 @@ func splitList(v string) []string {
 	}
 	return out
 }
+
+// minBodyProgress is what a request body must bring in each
+// --body-stall-timeout: 4 KiB a minute by default, 68 bytes a second,
+// which any real client beats by far.
+const minBodyProgress = 4 << 10
+
+// stallGuard cuts off request bodies that trickle. A body must bring
+// minBodyProgress bytes within every window (counted from the end of the
+// headers, then from each time it did); otherwise its read fails, the
+// handler's error answers, and the connection is closed. Unlike a
+// ReadTimeout, a long push that keeps moving is never cut. window <= 0: off.
+func stallGuard(h http.Handler, window time.Duration) http.Handler {
+	if window <= 0 {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Body == nil || r.Body == http.NoBody {
+			h.ServeHTTP(w, r)
+			return
+		}
+		b := &stallReader{body: r.Body, rc: http.NewResponseController(w), window: window}
+		if b.extend() == nil { // else the connection has no deadlines: serve as is
+			r.Body = b
+		}
+		h.ServeHTTP(w, r)
+	})
+}
+
+// stallReader is a request body that moves the connection's read deadline
+// forward each time minBodyProgress more bytes arrived.
+type stallReader struct {
+	body   io.ReadCloser
+	rc     *http.ResponseController
+	window time.Duration
+	got    int64 // bytes since the deadline last moved
+}
+
+func (s *stallReader) extend() error {
+	s.got = 0
+	return s.rc.SetReadDeadline(time.Now().Add(s.window))
+}
+
+func (s *stallReader) Read(p []byte) (int, error) {
+	n, err := s.body.Read(p)
+	s.got += int64(n)
+	switch {
+	case err == io.EOF:
+		// The body is complete: no deadline while the handler works on it
+		// (net/http reads the connection in the background from now on,
+		// and a deadline there would cancel the request).
+		s.rc.SetReadDeadline(time.Time{})
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		err = fmt.Errorf("request body brought less than %d bytes in %s: %w", minBodyProgress, s.window, err)
+	case err == nil && s.got >= minBodyProgress:
+		s.extend()
+	}
+	return n, err
+}
+
+func (s *stallReader) Close() error { return s.body.Close() }
