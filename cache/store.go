@@ -76,7 +76,8 @@ type Store struct {
 	locks keyedMutex
 	opt   Options
 
-	life lifecycle
+	life     lifecycle
+	declared declaredWrites // pushes of a declared digest in flight
 
 	stop      chan struct{}
 	wg        sync.WaitGroup

@@ -85,15 +85,10 @@ func (m *Manager) PutBlob(repo string, d digest.Digest, r io.Reader, length int6
 	if err := m.permit(repo); err != nil {
 		return cache.BlobInfo{}, err
 	}
-	w, err := m.store.NewBlobWriter(d.Algorithm())
-	if err != nil {
-		return cache.BlobInfo{}, fmt.Errorf("%w: %v", ErrDigestInvalid, err)
+	if !d.Algorithm().Available() {
+		return cache.BlobInfo{}, fmt.Errorf("%w: digest algorithm %q is not available", ErrDigestInvalid, d.Algorithm())
 	}
-	defer w.Cancel()
-	if _, err := io.Copy(w, r); err != nil {
-		return cache.BlobInfo{}, err
-	}
-	if err := w.Commit(d, length, cache.OriginPushed); err != nil {
+	if err := m.store.WriteDeclared(d, r, length, cache.OriginPushed); err != nil {
 		return cache.BlobInfo{}, storeErr(err)
 	}
 	if err := m.linkBlob(repo, d); err != nil {
