@@ -7,7 +7,10 @@
 #   bash cmd/slipbench/compare.sh --blob-size 64MiB --cold-size 16MiB \
 #     --push-size 64MiB --pusher-size 16MiB --duration 2s   # a quick look
 #
-# Extra arguments go to every `slipbench run`. Results land in
+# The cold fill runs twice: with the upstream at loopback speed, where 32
+# copies cannot leave faster than the machine serves warm reads, and over
+# a 100 MiB/s upstream link (--upstream-link), as from a site's internet
+# connection. Extra arguments go to every `slipbench run`. Results land in
 # $SLIPBENCH_OUT (default ./slipbench-out) as JSON, with the servers' logs.
 # distribution runs in proxy mode for the read scenarios and in plain mode
 # for the push scenario, since its proxy mode refuses pushes. Without
@@ -57,11 +60,11 @@ results=("$out/slipway.json")
 "$BIN/slipbench" run --name ceiling --scenarios warm-blob,warm-manifest \
 	--server "$ceiling" --json "$out/ceiling.json" --server-log "$out/ceiling.log" "$@"
 if command -v docker-registry >/dev/null 2>&1; then
-	"$BIN/slipbench" run --name distribution --server "$distribution_proxy" --push-server "$distribution_plain" \
+	"$BIN/slipbench" run --name distribution --upstream-link 100MiB --server "$distribution_proxy" --push-server "$distribution_plain" \
 		--json "$out/distribution.json" --server-log "$out/distribution.log" "$@"
 	results+=("$out/distribution.json")
 fi
-"$BIN/slipbench" run --name slipway --server "$slipway" \
+"$BIN/slipbench" run --name slipway --upstream-link 100MiB --server "$slipway" \
 	--json "$out/slipway.json" --server-log "$out/slipway.log" "$@"
 results+=("$out/ceiling.json")
 

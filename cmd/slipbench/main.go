@@ -61,6 +61,7 @@ type runConfig struct {
 	clients, reps       int
 	conns, coldClients  int
 	pushers             int
+	linkRate            int64 // bytes/s of the upstream link in the second cold fill
 	duration            time.Duration
 	serverLog           string
 }
@@ -90,6 +91,7 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&c.duration, "duration", 10*time.Second, "length of the warm manifest scenario")
 	fs.IntVar(&c.coldClients, "cold-clients", 32, "clients that ask for the cold blob at once")
 	fs.IntVar(&c.pushers, "pushers", 16, "concurrent pushes of one blob")
+	link := fs.String("upstream-link", "0", "if set (e.g. 200MiB), the cold fill runs again with the upstream's blob bodies sharing this many bytes per second, as over a site's internet link")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -119,6 +121,13 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 			return fmt.Errorf("--%s: %w", sz.flag, err)
 		}
 		*sz.to = n
+	}
+	if *link != "0" {
+		n, err := parseSize(*link)
+		if err != nil {
+			return fmt.Errorf("--upstream-link: %w", err)
+		}
+		c.linkRate = n
 	}
 	if c.pushSize%(4<<20) != 0 || c.pusherSize > c.pushSize {
 		return errors.New("--push-size must be a multiple of 4MiB and at least --pusher-size")
@@ -215,8 +224,15 @@ func (b *bench) readScenarios(s *server) error {
 		}
 	}
 	if b.cfg.runs("cold-fill") {
-		if err := b.coldFill(s); err != nil {
+		b.res.ColdFill = &coldFillResult{}
+		if err := b.coldFill(s, b.res.ColdFill, b.cold[0], b.cold[1], 0); err != nil {
 			return fmt.Errorf("cold fill: %w", err)
+		}
+		if b.cfg.linkRate > 0 {
+			b.res.ColdFillLink = &coldFillResult{}
+			if err := b.coldFill(s, b.res.ColdFillLink, b.cold[2], b.cold[3], b.cfg.linkRate); err != nil {
+				return fmt.Errorf("cold fill %s: %w", rateName(b.cfg.linkRate), err)
+			}
 		}
 		if b.res.PeakRSSAfterColdFillMiB, err = peakRSS(s.Pid()); err != nil {
 			return err

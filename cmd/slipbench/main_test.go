@@ -41,7 +41,7 @@ func smallConfig(t *testing.T, name, server string, scenarios ...string) runConf
 		name: name, server: server, pushServer: server, scenarios: map[string]bool{},
 		work: t.TempDir(), upstreamListen: "127.0.0.1:0",
 		blobSize: 4 << 20, coldSize: 2 << 20, pushSize: 8 << 20, chunkSize: 3 << 20, pusherSize: 1 << 20,
-		clients: 3, reps: 2, conns: 4, coldClients: 8, pushers: 4, duration: 300 * time.Millisecond,
+		linkRate: 16 << 20, clients: 3, reps: 2, conns: 4, coldClients: 8, pushers: 4, duration: 300 * time.Millisecond,
 		serverLog: filepath.Join(t.TempDir(), "server.log"),
 	}
 	for _, s := range scenarios {
@@ -72,6 +72,10 @@ func TestRunAgainstSlipwayAndCeiling(t *testing.T) {
 	}
 	if cf := res.ColdFill; cf == nil || cf.UpstreamGETs != 1 || cf.Errors != 0 || cf.Total.MaxMs <= 0 || cf.SlowestOverSingle <= 0 {
 		t.Errorf("cold fill: %+v", cf)
+	}
+	if cf := res.ColdFillLink; cf == nil || cf.UpstreamGETs != 1 || cf.Errors != 0 || cf.UpstreamMiBps != 16 || cf.SingleSeconds < 0.1 {
+		// 2 MiB over a 16 MiB/s link takes at least 125 ms.
+		t.Errorf("cold fill over a slow link: %+v", cf)
 	}
 	if p := res.Push; p == nil || p.DDMBps <= 0 || p.MonolithicMBps <= 0 || p.ChunkedMBps <= 0 || p.ConcurrentErrors != 0 {
 		t.Errorf("push: %+v", p)

@@ -19,6 +19,7 @@ type result struct {
 	WarmBlob                *warmBlobResult     `json:"warm_blob,omitempty"`
 	WarmManifest            *warmManifestResult `json:"warm_manifest,omitempty"`
 	ColdFill                *coldFillResult     `json:"cold_fill,omitempty"`
+	ColdFillLink            *coldFillResult     `json:"cold_fill_link,omitempty"`
 	Push                    *pushResult         `json:"push,omitempty"`
 	PeakRSSAfterWarmBlobMiB float64             `json:"peak_rss_after_warm_blob_mib,omitempty"`
 	PeakRSSAfterColdFillMiB float64             `json:"peak_rss_after_cold_fill_mib,omitempty"`
@@ -52,6 +53,7 @@ type warmManifestResult struct {
 type coldFillResult struct {
 	SizeBytes         int64   `json:"size_bytes"`
 	Clients           int     `json:"clients"`
+	UpstreamMiBps     float64 `json:"upstream_mibps,omitempty"` // 0: loopback speed
 	UpstreamGETs      int64   `json:"upstream_gets"`
 	SingleSeconds     float64 `json:"single_seconds"`
 	SingleTTFBMs      float64 `json:"single_ttfb_ms"`
@@ -59,6 +61,8 @@ type coldFillResult struct {
 	TTFB              spread  `json:"ttfb"`
 	FirstByteSpreadMs float64 `json:"first_byte_spread_ms"`
 	SlowestOverSingle float64 `json:"slowest_over_single"`
+	ServeBoundSeconds float64 `json:"serve_bound_seconds,omitempty"` // N × size ÷ warm N-client rate
+	SlowestOverBound  float64 `json:"slowest_over_serve_bound,omitempty"`
 	Errors            int64   `json:"errors"`
 	FirstError        string  `json:"first_error,omitempty"`
 }
@@ -136,9 +140,16 @@ func rows(r *result) [][2]string {
 	if m := r.WarmManifest; m != nil {
 		add(fmt.Sprintf("warm manifest, %d conns", m.Conns), "%.0f req/s, p50 %.2f ms, p99 %.2f ms, %d upstream requests, %d errors", m.RPS, m.P50Ms, m.P99Ms, m.UpstreamRequests, m.Errors)
 	}
-	if c := r.ColdFill; c != nil {
-		add(fmt.Sprintf("cold fill, %d clients", c.Clients), "%d upstream GETs, slowest %.2f × single (%.2f s), first bytes within %.0f ms, %d errors",
-			c.UpstreamGETs, c.SlowestOverSingle, c.SingleSeconds, c.FirstByteSpreadMs, c.Errors)
+	for _, c := range []*coldFillResult{r.ColdFill, r.ColdFillLink} {
+		if c == nil {
+			continue
+		}
+		bound := ""
+		if c.ServeBoundSeconds > 0 {
+			bound = fmt.Sprintf(" = %.2f × serving %d copies warm", c.SlowestOverBound, c.Clients)
+		}
+		add(fmt.Sprintf("cold fill, %d clients, %s", c.Clients, linkName(c)), "%d upstream GETs, slowest %.2f s = %.2f × single (%.2f s)%s, first bytes within %.0f ms, %d errors",
+			c.UpstreamGETs, c.Total.MaxMs/1000, c.SlowestOverSingle, c.SingleSeconds, bound, c.FirstByteSpreadMs, c.Errors)
 	}
 	if p := r.Push; p != nil {
 		add("push", "monolithic %.2f × dd, chunked %.2f × dd (dd %.0f MB/s)", p.MonolithicOverDD, p.ChunkedOverDD, p.DDMBps)
@@ -159,8 +170,10 @@ func rows(r *result) [][2]string {
 	if m := r.WarmManifest; m != nil && m.FirstError != "" {
 		add("first error, manifest", "%s", m.FirstError)
 	}
-	if c := r.ColdFill; c != nil && c.FirstError != "" {
-		add("first error, cold fill", "%s", c.FirstError)
+	for _, c := range []*coldFillResult{r.ColdFill, r.ColdFillLink} {
+		if c != nil && c.FirstError != "" {
+			add("first error, cold fill", "%s", c.FirstError)
+		}
 	}
 	if p := r.Push; p != nil && p.FirstError != "" {
 		add("first error, push", "%s", p.FirstError)
@@ -243,12 +256,16 @@ func checks(s, peer, ceil *result) []check {
 		out = append(out, check{"warm manifest upstream requests", fmt.Sprint(m.UpstreamRequests), "0", m.UpstreamRequests == 0})
 		out = append(out, check{"warm manifest errors", fmt.Sprint(m.Errors), "0", m.Errors == 0})
 	}
-	if c := s.ColdFill; c != nil {
+	for _, c := range []*coldFillResult{s.ColdFill, s.ColdFillLink} {
+		if c == nil {
+			continue
+		}
+		at := " (" + linkName(c) + ")"
 		out = append(out,
-			check{"cold fill upstream GETs", fmt.Sprint(c.UpstreamGETs), "1", c.UpstreamGETs == 1},
-			check{"cold fill slowest ÷ single", fmt.Sprintf("%.2f", c.SlowestOverSingle), "≤ 1.25", c.SlowestOverSingle <= 1.25},
-			check{"cold fill first-byte spread", fmt.Sprintf("%.0f ms", c.FirstByteSpreadMs), "≤ 100 ms", c.FirstByteSpreadMs <= 100},
-			check{"cold fill errors", fmt.Sprint(c.Errors), "0", c.Errors == 0})
+			check{"cold fill upstream GETs" + at, fmt.Sprint(c.UpstreamGETs), "1", c.UpstreamGETs == 1},
+			check{"cold fill slowest ÷ single" + at, fmt.Sprintf("%.2f", c.SlowestOverSingle), "≤ 1.25", c.SlowestOverSingle <= 1.25},
+			check{"cold fill first-byte spread" + at, fmt.Sprintf("%.0f ms", c.FirstByteSpreadMs), "≤ 100 ms", c.FirstByteSpreadMs <= 100},
+			check{"cold fill errors" + at, fmt.Sprint(c.Errors), "0", c.Errors == 0})
 	}
 	for _, m := range []struct {
 		what string
@@ -269,4 +286,11 @@ func checks(s, peer, ceil *result) []check {
 		}
 	}
 	return out
+}
+
+func linkName(c *coldFillResult) string {
+	if c.UpstreamMiBps <= 0 {
+		return "upstream at loopback speed"
+	}
+	return fmt.Sprintf("upstream link %.0f MiB/s", c.UpstreamMiBps)
 }

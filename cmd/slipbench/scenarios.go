@@ -23,8 +23,9 @@ type bench struct {
 	res *result
 	log io.Writer
 
-	warmLayer, coldSingle, coldShared digest.Digest
-	manifest                          []byte // the warm image's
+	warmLayer digest.Digest
+	manifest  []byte          // the warm image's
+	cold      []digest.Digest // pairs of uncached blobs: one alone, one shared
 }
 
 var manifestAccept = http.Header{"Accept": {
@@ -47,12 +48,16 @@ func (b *bench) seed() error {
 		return err
 	}
 	if b.cfg.runs("cold-fill") {
-		one := randomBlob(b.cfg.coldSize, 2)
-		b.coldSingle = digest.FromBytes(one)
-		b.up.blobs.add(b.coldSingle, one)
-		shared := randomBlob(b.cfg.coldSize, 3)
-		b.coldShared = digest.FromBytes(shared)
-		b.up.blobs.add(b.coldShared, shared)
+		pairs := 1
+		if b.cfg.linkRate > 0 {
+			pairs = 2
+		}
+		for i := 0; i < 2*pairs; i++ {
+			p := randomBlob(b.cfg.coldSize, uint64(10+i))
+			d := digest.FromBytes(p)
+			b.up.blobs.add(d, p)
+			b.cold = append(b.cold, d)
+		}
 	}
 	return nil
 }
@@ -208,19 +213,21 @@ func (b *bench) warmManifest(s *server) error {
 }
 
 // coldFill: one client pulls an uncached blob alone; then N clients ask at
-// the same moment for another uncached blob of the same size.
-func (b *bench) coldFill(s *server) error {
-	r := &coldFillResult{SizeBytes: b.cfg.coldSize, Clients: b.cfg.coldClients}
-	b.res.ColdFill = r
+// the same moment for another uncached blob of the same size. rate, if not
+// zero, is the upstream link's bytes per second.
+func (b *bench) coldFill(s *server, r *coldFillResult, single, shared digest.Digest, rate int64) error {
+	b.up.link.rate.Store(rate)
+	defer b.up.link.rate.Store(0)
+	*r = coldFillResult{SizeBytes: b.cfg.coldSize, Clients: b.cfg.coldClients, UpstreamMiBps: float64(rate) / (1 << 20)}
 	c := &http.Client{Transport: newTransport()}
 	buf := make([]byte, readBuf)
 	u := s.URL + "/v2/" + repoCold + "/blobs/"
-	f, err := fetchOK(c, u+string(b.coldSingle), nil, buf, b.cfg.coldSize, true)
+	f, err := fetchOK(c, u+string(single), nil, buf, b.cfg.coldSize, true)
 	if err != nil {
 		return err
 	}
-	if f.digest != string(b.coldSingle) {
-		return fmt.Errorf("cold blob has digest %s, want %s", f.digest, b.coldSingle)
+	if f.digest != string(single) {
+		return fmt.Errorf("cold blob has digest %s, want %s", f.digest, single)
 	}
 	r.SingleSeconds, r.SingleTTFBMs = f.total.Seconds(), ms(f.ttfb)
 
@@ -248,7 +255,7 @@ func (b *bench) coldFill(s *server) error {
 			defer wg.Done()
 			<-start
 			t0 := time.Now()
-			f, err := fetchOK(clients[i], u+string(b.coldShared), nil, bufs[i], b.cfg.coldSize, false)
+			f, err := fetchOK(clients[i], u+string(shared), nil, bufs[i], b.cfg.coldSize, false)
 			if err != nil {
 				errc <- err
 				return
@@ -266,7 +273,7 @@ func (b *bench) coldFill(s *server) error {
 			r.FirstError = err.Error()
 		}
 	}
-	r.UpstreamGETs = b.up.count("GET blob " + string(b.coldShared))
+	r.UpstreamGETs = b.up.count("GET blob " + string(shared))
 	r.Total, r.TTFB = spreadOf(totals), spreadOf(ttfbs)
 	lo, hi := firstByteAt[0], firstByteAt[0]
 	for _, t := range firstByteAt {
@@ -279,16 +286,21 @@ func (b *bench) coldFill(s *server) error {
 	}
 	r.FirstByteSpreadMs = ms(hi.Sub(lo))
 	r.SlowestOverSingle = r.Total.MaxMs / 1000 / r.SingleSeconds
+	if w := b.res.WarmBlob; w != nil && w.GiBpsN > 0 {
+		// No server sends N copies faster than it serves warm reads.
+		r.ServeBoundSeconds = float64(n) * float64(b.cfg.coldSize) / gib / w.GiBpsN
+		r.SlowestOverBound = r.Total.MaxMs / 1000 / r.ServeBoundSeconds
+	}
 	// One checked read afterwards: the shared blob is stored whole.
-	f, err = fetchOK(c, u+string(b.coldShared), nil, buf, b.cfg.coldSize, true)
+	f, err = fetchOK(c, u+string(shared), nil, buf, b.cfg.coldSize, true)
 	if err != nil {
 		return err
 	}
-	if f.digest != string(b.coldShared) {
-		return fmt.Errorf("cold blob has digest %s after the fill, want %s", f.digest, b.coldShared)
+	if f.digest != string(shared) {
+		return fmt.Errorf("cold blob has digest %s after the fill, want %s", f.digest, shared)
 	}
-	b.logf("cold fill: %d upstream GETs, slowest %.2f s = %.2f × single %.2f s, first bytes within %.0f ms, %d errors",
-		r.UpstreamGETs, r.Total.MaxMs/1000, r.SlowestOverSingle, r.SingleSeconds, r.FirstByteSpreadMs, r.Errors)
+	b.logf("cold fill (upstream %s): %d upstream GETs, slowest %.2f s = %.2f × single %.2f s, first bytes within %.0f ms, %d errors",
+		rateName(rate), r.UpstreamGETs, r.Total.MaxMs/1000, r.SlowestOverSingle, r.SingleSeconds, r.FirstByteSpreadMs, r.Errors)
 	return nil
 }
 
@@ -473,4 +485,11 @@ func parallel(n int, f func(i int) error) error {
 		}
 	}
 	return nil
+}
+
+func rateName(rate int64) string {
+	if rate <= 0 {
+		return "at loopback speed"
+	}
+	return fmt.Sprintf("at %d MiB/s", rate>>20)
 }

@@ -13,6 +13,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -31,6 +32,56 @@ type seededUpstream struct {
 	mu     sync.Mutex
 	counts map[string]int64 // "GET blob sha256:..." -> requests
 	total  atomic.Int64
+
+	link link // blob bodies share it when its rate is set
+}
+
+// link is the upstream's one network link: blob bodies, however many,
+// share rate bytes per second, as they would share a site's internet
+// connection. A rate of 0 is loopback speed.
+type link struct {
+	rate atomic.Int64
+	mu   sync.Mutex
+	next time.Time // when the link is free again
+}
+
+// wait books n bytes on the link and sleeps until they have passed.
+func (l *link) wait(n int) {
+	rate := l.rate.Load()
+	if rate <= 0 {
+		return
+	}
+	l.mu.Lock()
+	// Sleeps overshoot: a link idle for a moment may catch up, so that
+	// the rate is the rate over time, not per piece.
+	if early := time.Now().Add(-20 * time.Millisecond); l.next.Before(early) {
+		l.next = early
+	}
+	l.next = l.next.Add(time.Duration(float64(n) / float64(rate) * float64(time.Second)))
+	until := l.next
+	l.mu.Unlock()
+	time.Sleep(time.Until(until))
+}
+
+// throttled writes through the link in 256 KiB pieces.
+type throttled struct {
+	http.ResponseWriter
+	l *link
+}
+
+func (t throttled) Write(p []byte) (int, error) {
+	written := 0
+	for len(p) > 0 {
+		n := min(len(p), 256<<10)
+		t.l.wait(n)
+		m, err := t.ResponseWriter.Write(p[:n])
+		written += m
+		if err != nil {
+			return written, err
+		}
+		p = p[n:]
+	}
+	return written, nil
 }
 
 // The repositories and tag the scenarios use.
@@ -110,6 +161,9 @@ func (u *seededUpstream) counting(next http.Handler) http.Handler {
 		key := r.Method + " other"
 		if i := strings.LastIndex(r.URL.Path, "/blobs/"); i >= 0 {
 			key = r.Method + " blob " + r.URL.Path[i+len("/blobs/"):]
+			if r.Method == http.MethodGet && u.link.rate.Load() > 0 {
+				w = throttled{w, &u.link}
+			}
 		} else if i := strings.LastIndex(r.URL.Path, "/manifests/"); i >= 0 {
 			key = r.Method + " manifest " + r.URL.Path[i+len("/manifests/"):]
 		}
