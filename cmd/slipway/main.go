@@ -121,7 +121,7 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS private key file (PEM)")
 	fs.StringVar(&c.htpasswd, "htpasswd", "", "htpasswd file with bcrypt entries (htpasswd -B): clients must log in to push")
 	fs.BoolVar(&c.anonymousPull, "anonymous-pull", true, "with --htpasswd, let clients without credentials pull")
-	fs.DurationVar(&c.readHeader, "read-header-timeout", 10*time.Second, "close a connection whose request headers are not complete this long after it opened or went idle")
+	fs.DurationVar(&c.readHeader, "read-header-timeout", 10*time.Second, "close a connection whose request headers take longer than this to arrive")
 	fs.DurationVar(&c.bodyStall, "body-stall-timeout", time.Minute, "cut off a request body (a push) that brings less than 4 KiB in this long; 0: never")
 	c.life.register(fs)
 	return fs, c
