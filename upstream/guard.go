@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
+	"strconv"
 	"strings"
 	"syscall"
 	"time"
@@ -25,16 +26,41 @@ var ErrForbiddenHost = errors.New("upstream: refused to contact host")
 // such as a blob CDN. A token realm elsewhere is refused. Authorization is
 // never forwarded across hosts: go-containerregistry's transports add it only
 // for the registry's own host.
+//
+// Unless the upstream itself lives on a private network, no request — the
+// first or any redirect hop — may name a loopback, private, link-local,
+// unspecified or multicast address, or localhost. The dialer refuses such
+// addresses too, and after DNS, but it cannot see through an HTTP(S)_PROXY:
+// it lets the proxy's own address through, and the proxy would then fetch
+// http://169.254.169.254/ on our behalf.
 type hostGuard struct {
 	upstream string // hostname, no port
-	inner    http.RoundTripper
+	// allowPrivate is Config.AllowPrivate. An upstream whose own host is
+	// private (isPrivateHost) is allowed private hosts without it, as its
+	// dialer is.
+	allowPrivate bool
+	inner        http.RoundTripper
 }
 
 func (g *hostGuard) RoundTrip(req *http.Request) (*http.Response, error) {
-	if !sameSite(req.URL.Hostname(), g.upstream) && req.Response == nil {
+	host := req.URL.Hostname()
+	if !sameSite(host, g.upstream) && req.Response == nil {
+		closeBody(req)
 		return nil, fmt.Errorf("%w %q: not the upstream %q or its domain", ErrForbiddenHost, req.URL.Host, g.upstream)
 	}
+	if !g.allowPrivate && !isPrivateHost(g.upstream) && isPrivateHost(host) {
+		closeBody(req)
+		return nil, fmt.Errorf("%w %q: a loopback, private or link-local address", ErrForbiddenHost, req.URL.Host)
+	}
 	return g.inner.RoundTrip(req)
+}
+
+// closeBody keeps RoundTrip's promise to close the request body, even when
+// it sends nothing.
+func closeBody(req *http.Request) {
+	if req.Body != nil {
+		req.Body.Close()
+	}
 }
 
 // sameSite reports whether two hostnames are equal or share a registrable
@@ -58,11 +84,18 @@ func sameSite(a, b string) bool {
 // (cloud metadata) or unspecified address. A proxy from the environment is
 // still reachable.
 func newTransport(u *url.URL, allowPrivate bool) *http.Transport {
+	return newTransportVia(u, allowPrivate, http.ProxyFromEnvironment)
+}
+
+// newTransportVia is newTransport with the proxy chosen by proxy (tests
+// point it at a local proxy; the environment is read once per process).
+func newTransportVia(u *url.URL, allowPrivate bool, proxy func(*http.Request) (*url.URL, error)) *http.Transport {
 	t := http.DefaultTransport.(*http.Transport).Clone()
 	t.MaxIdleConnsPerHost = 64
 	t.ResponseHeaderTimeout = 60 * time.Second
+	t.Proxy = proxy
 	var proxyAddr string
-	if p, err := http.ProxyFromEnvironment(&http.Request{URL: u}); err == nil && p != nil {
+	if p, err := proxy(&http.Request{URL: u}); err == nil && p != nil {
 		proxyAddr = p.Host
 	}
 	d := &net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}
@@ -105,12 +138,58 @@ func isPrivateAddr(ip netip.Addr) bool {
 		ip.IsInterfaceLocalMulticast() || ip.IsUnspecified() || ip.IsMulticast() || cgnat.Contains(ip)
 }
 
-// isPrivateHost reports whether an upstream named host lives on a private
-// network by its own configuration: "localhost" or a private address.
+// isPrivateHost reports whether a URL's host names a private network by
+// itself: localhost or a name under .localhost (RFC 6761), or a loopback,
+// private, link-local, unspecified or multicast address — also written the
+// old inet_aton ways ("127.1", "2130706433", "0x7f.0.0.1") that a proxy or
+// the system resolver may still accept.
 func isPrivateHost(host string) bool {
-	if strings.EqualFold(host, "localhost") {
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	if host == "localhost" || strings.HasSuffix(host, ".localhost") {
 		return true
 	}
 	ip, err := netip.ParseAddr(host)
-	return err == nil && isPrivateAddr(ip)
+	if err != nil {
+		var ok bool
+		if ip, ok = parseLegacyIPv4(host); !ok {
+			return false
+		}
+	}
+	return isPrivateAddr(ip)
+}
+
+// parseLegacyIPv4 reads an IPv4 address as inet_aton does: one to four
+// parts, each decimal, octal (leading 0) or hex (0x), the last filling the
+// bytes left.
+func parseLegacyIPv4(s string) (netip.Addr, bool) {
+	parts := strings.Split(s, ".")
+	if len(parts) > 4 {
+		return netip.Addr{}, false
+	}
+	var v uint64
+	for i, p := range parts {
+		base := 10
+		switch {
+		case len(p) > 2 && (p[:2] == "0x"):
+			base, p = 16, p[2:]
+		case len(p) > 1 && p[0] == '0':
+			base, p = 8, p[1:]
+		}
+		n, err := strconv.ParseUint(p, base, 32)
+		if err != nil {
+			return netip.Addr{}, false
+		}
+		if i < len(parts)-1 {
+			if n > 0xff {
+				return netip.Addr{}, false
+			}
+			v |= n << (8 * (3 - i))
+			continue
+		}
+		if rest := uint(8 * (4 - i)); rest < 32 && n >= 1<<rest {
+			return netip.Addr{}, false
+		}
+		v |= n
+	}
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)}), true
 }
