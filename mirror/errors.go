@@ -5,9 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"os"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/labstack/echo/v4"
 
@@ -51,6 +54,12 @@ var (
 	// UNAVAILABLE is the spec's code for "try again later".
 	codeInsufficientStorage = code{"UNAVAILABLE", http.StatusInsufficientStorage}
 	codeAdminInvalid        = code{"UNSUPPORTED", http.StatusBadRequest} // a bad /v2/_slipway/ parameter
+	// A request body that stalled (cmd's --body-stall-timeout moved the
+	// connection's read deadline past it). The spec has no code for it:
+	// 408 says the client was too slow, and the code says which upload or
+	// manifest it was.
+	codeBlobBodyStalled     = code{"BLOB_UPLOAD_INVALID", http.StatusRequestTimeout}
+	codeManifestBodyStalled = code{"MANIFEST_INVALID", http.StatusRequestTimeout}
 )
 
 // ociError is an error a client sees: a code and a message.
@@ -166,7 +175,35 @@ func toOCI(err error, kind routeKind) *ociError {
 	case errors.Is(err, cache.ErrClosed):
 		return wrapError(codeUnavailable, "shutting down", err)
 	}
+	if oe := bodyError(err, kind); oe != nil {
+		return oe
+	}
 	return wrapError(codeInternal, "internal error", err)
+}
+
+// bodyError maps a failed read of the request body: the client's fault,
+// never a 500. Nothing above reads a network connection of its own without
+// turning the error into a sentinel (upstream's classify), so what is left
+// here came from the request body.
+func bodyError(err error, kind routeKind) *ociError {
+	stalled, invalid := codeBlobBodyStalled, codeBlobUploadInvalid
+	if kind == routeManifest {
+		stalled, invalid = codeManifestBodyStalled, codeManifestInvalid
+	}
+	var mb *http.MaxBytesError
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return wrapError(stalled, "request body stalled: too few bytes arrived in time", err)
+	case errors.As(err, &mb):
+		return wrapError(codeTooLarge, "request body too large", err)
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		// The client closed (or half-closed) before its Content-Length
+		// or the last chunk.
+		return wrapError(invalid, "request body ended early", err)
+	case errors.Is(err, syscall.ECONNRESET):
+		return wrapError(invalid, "the client reset the connection during the request body", err)
+	}
+	return nil
 }
 
 type errorBody struct {
