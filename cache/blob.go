@@ -90,7 +90,8 @@ func (s *Store) PutBlob(r io.Reader, d digest.Digest, origin Origin) error {
 type BlobWriter struct {
 	s        *Store
 	f        *os.File
-	out      io.Writer // f, or what Options.WrapWrite made of it
+	out      io.Writer // f, or what Options.WrapWrite made of it, with write-behind
+	wb       *writeBehind
 	alg      digest.Algorithm
 	digester digest.Digester
 
@@ -116,8 +117,9 @@ func (s *Store) NewBlobWriter(alg digest.Algorithm) (*BlobWriter, error) {
 	if err != nil {
 		return nil, err
 	}
+	out, wb := behind(s.wrapWrite(f), f, 0)
 	return &BlobWriter{
-		s: s, f: f, out: s.wrapWrite(f), alg: alg, digester: alg.Digester(),
+		s: s, f: f, out: out, wb: wb, alg: alg, digester: alg.Digester(),
 		path: path, changed: make(chan struct{}),
 	}, nil
 }
@@ -272,6 +274,7 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 		return err
 	}
 
+	w.wb.stop()
 	if err := w.f.Sync(); err != nil {
 		return s.writeErr("fsync", err)
 	}
@@ -320,6 +323,7 @@ func (w *BlobWriter) dropTemp(final string) {
 	tmp := w.path
 	w.path = final
 	w.mu.Unlock()
+	w.wb.stop()
 	w.f.Close()
 	if w.s.isTemp(tmp) {
 		os.Remove(tmp)
@@ -354,6 +358,7 @@ func (w *BlobWriter) Abort(err error) {
 	path := w.path
 	w.notifyLocked()
 	w.mu.Unlock()
+	w.wb.stop()
 	w.f.Close()
 	if w.s.isTemp(path) {
 		os.Remove(path)

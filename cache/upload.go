@@ -190,7 +190,9 @@ func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int
 	}
 	bufp := uploadBufs.Get().(*[]byte)
 	defer uploadBufs.Put(bufp)
-	n, err := io.CopyBuffer(io.MultiWriter(s.wrapWrite(f), h), r, *bufp)
+	out, wb := behind(s.wrapWrite(f), f, u.Size)
+	defer wb.stop()
+	n, err := io.CopyBuffer(io.MultiWriter(out, h), r, *bufp)
 	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
 		// The upload stays as it was (the next chunk truncates what
 		// this one left); the disk needs room first.
@@ -204,6 +206,7 @@ func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int
 	}
 	// The state says Size bytes are there: make it true across a crash.
 	if persist {
+		wb.stop()
 		if err := f.Sync(); err != nil {
 			return s.writeErr("fsync", err)
 		}
