@@ -327,8 +327,11 @@ func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 		if e, ok := c.Get(ctxError).(error); ok {
 			attrs = append(attrs, "err", e.Error())
-			if c.Response().Status >= 500 {
+			switch status := c.Response().Status; {
+			case status >= 500:
 				level = slog.LevelError
+			case status == http.StatusRequestTimeout:
+				level = slog.LevelWarn // a client that stalled: worth seeing, not an alarm
 			}
 		}
 		s.log.Log(c.Request().Context(), level, "request", attrs...)

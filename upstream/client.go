@@ -138,7 +138,7 @@ func New(c Config) (*Client, error) {
 		reg:        reg,
 		base:       &url.URL{Scheme: u.Scheme, Host: u.Host},
 		auth:       c.Auth,
-		rt:         &hostGuard{upstream: u.Hostname(), inner: c.Transport},
+		rt:         &hostGuard{upstream: u.Hostname(), allowPrivate: c.AllowPrivate, inner: c.Transport},
 		sem:        make(chan struct{}, c.MaxConcurrent),
 		retries:    c.Retries,
 		log:        c.Logger,

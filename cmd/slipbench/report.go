@@ -60,6 +60,7 @@ type coldFillResult struct {
 	Total             spread  `json:"total"`
 	TTFB              spread  `json:"ttfb"`
 	FirstByteSpreadMs float64 `json:"first_byte_spread_ms"`
+	ServerCPUSeconds  float64 `json:"server_cpu_seconds"` // while the N clients were served
 	SlowestOverSingle float64 `json:"slowest_over_single"`
 	ServeBoundSeconds float64 `json:"serve_bound_seconds,omitempty"` // N × size ÷ warm N-client rate
 	SlowestOverBound  float64 `json:"slowest_over_serve_bound,omitempty"`
@@ -148,8 +149,8 @@ func rows(r *result) [][2]string {
 		if c.ServeBoundSeconds > 0 {
 			bound = fmt.Sprintf(" = %.2f × serving %d copies warm", c.SlowestOverBound, c.Clients)
 		}
-		add(fmt.Sprintf("cold fill, %d clients, %s", c.Clients, linkName(c)), "%d upstream GETs, slowest %.2f s = %.2f × single (%.2f s)%s, first bytes within %.0f ms, %d errors",
-			c.UpstreamGETs, c.Total.MaxMs/1000, c.SlowestOverSingle, c.SingleSeconds, bound, c.FirstByteSpreadMs, c.Errors)
+		add(fmt.Sprintf("cold fill, %d clients, %s", c.Clients, linkName(c)), "%d upstream GETs, slowest %.2f s = %.2f × single (%.2f s)%s, first bytes within %.0f ms, server CPU %.1f s, %d errors",
+			c.UpstreamGETs, c.Total.MaxMs/1000, c.SlowestOverSingle, c.SingleSeconds, bound, c.FirstByteSpreadMs, c.ServerCPUSeconds, c.Errors)
 	}
 	if p := r.Push; p != nil {
 		add("push", "monolithic %.2f × dd, chunked %.2f × dd (dd %.0f MB/s)", p.MonolithicOverDD, p.ChunkedOverDD, p.DDMBps)

@@ -264,8 +264,17 @@ func (b *bench) coldFill(s *server, r *coldFillResult, single, shared digest.Dig
 		}()
 	}
 	time.Sleep(50 * time.Millisecond) // let every goroutine reach the gate
+	cpu0, err := cpuSeconds(s.Pid())
+	if err != nil {
+		return err
+	}
 	close(start)
 	wg.Wait()
+	cpu1, err := cpuSeconds(s.Pid())
+	if err != nil {
+		return err
+	}
+	r.ServerCPUSeconds = cpu1 - cpu0
 	close(errc)
 	for err := range errc {
 		r.Errors++
