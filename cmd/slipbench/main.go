@@ -60,7 +60,7 @@ type runConfig struct {
 	pusherSize          int64
 	clients, reps       int
 	conns, coldClients  int
-	pushers             int
+	pushers, pushReps   int
 	linkRate            int64 // bytes/s of the upstream link in the second cold fill
 	duration            time.Duration
 	serverLog           string
@@ -91,6 +91,7 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 	fs.DurationVar(&c.duration, "duration", 10*time.Second, "length of the warm manifest scenario")
 	fs.IntVar(&c.coldClients, "cold-clients", 32, "clients that ask for the cold blob at once")
 	fs.IntVar(&c.pushers, "pushers", 16, "concurrent pushes of one blob")
+	fs.IntVar(&c.pushReps, "push-reps", 3, "monolithic and chunked pushes, each paired with a dd; the median counts")
 	link := fs.String("upstream-link", "0", "if set (e.g. 200MiB), the cold fill runs again with the upstream's blob bodies sharing this many bytes per second, as over a site's internet link")
 	if err := fs.Parse(args); err != nil {
 		return err
@@ -132,7 +133,7 @@ func runCommand(args []string, stdout, stderr io.Writer) error {
 	if c.pushSize%(4<<20) != 0 || c.pusherSize > c.pushSize {
 		return errors.New("--push-size must be a multiple of 4MiB and at least --pusher-size")
 	}
-	if c.clients < 1 || c.reps < 1 || c.conns < 1 || c.coldClients < 1 || c.pushers < 1 {
+	if c.clients < 1 || c.reps < 1 || c.conns < 1 || c.coldClients < 1 || c.pushers < 1 || c.pushReps < 1 {
 		return errors.New("counts must be at least 1")
 	}
 	res, err := run(c, stderr)

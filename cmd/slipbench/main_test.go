@@ -41,7 +41,7 @@ func smallConfig(t *testing.T, name, server string, scenarios ...string) runConf
 		name: name, server: server, pushServer: server, scenarios: map[string]bool{},
 		work: t.TempDir(), upstreamListen: "127.0.0.1:0",
 		blobSize: 4 << 20, coldSize: 2 << 20, pushSize: 8 << 20, chunkSize: 3 << 20, pusherSize: 1 << 20,
-		linkRate: 16 << 20, clients: 3, reps: 2, conns: 4, coldClients: 8, pushers: 4, duration: 300 * time.Millisecond,
+		linkRate: 16 << 20, clients: 3, reps: 2, conns: 4, coldClients: 8, pushers: 4, pushReps: 2, duration: 300 * time.Millisecond,
 		serverLog: filepath.Join(t.TempDir(), "server.log"),
 	}
 	for _, s := range scenarios {

@@ -71,7 +71,7 @@ type coldFillResult struct {
 type pushResult struct {
 	SizeBytes         int64   `json:"size_bytes"`
 	ChunkBytes        int64   `json:"chunk_bytes"`
-	DDMBps            float64 `json:"dd_mbps"` // the mean of the two dd runs, one before each push
+	DDMBps            float64 `json:"dd_mbps"` // medians of the runs; the ratios are medians of pairs (a dd, then a push)
 	MonolithicMBps    float64 `json:"monolithic_mbps"`
 	ChunkedMBps       float64 `json:"chunked_mbps"`
 	MonolithicOverDD  float64 `json:"monolithic_over_dd"`

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"sync"
 	"time"
 
@@ -320,44 +321,47 @@ func (b *bench) push(s *server, workDir string) error {
 	b.res.Push = r
 
 	// This disk's speed wanders from run to run (a virtual disk with a
-	// cache in front): each push is compared with a dd just before it.
-	ddMono, err := b.dd(workDir)
-	if err != nil {
-		return err
-	}
+	// cache in front): each push is paired with a dd just before it, and
+	// the median of the pairs' ratios is the result.
 	c := &http.Client{Transport: newTransport()}
 	blob := randomBlob(b.cfg.pushSize, 4)
-	d := digest.FromBytes(blob)
-	t0 := time.Now()
-	if err := pushMonolithic(c, s.URL, repoPush, blob, d); err != nil {
-		return err
+	var dds, monos, chunks, monoRatios, chunkRatios []float64
+	for rep := 0; rep < b.cfg.pushReps; rep++ {
+		for _, chunked := range []bool{false, true} {
+			ddMBps, err := b.dd(workDir)
+			if err != nil {
+				return err
+			}
+			blob[0]++ // another blob of the same size each time
+			d := digest.FromBytes(blob)
+			t0 := time.Now()
+			if chunked {
+				err = pushChunked(c, s.URL, repoPush, blob, d, b.cfg.chunkSize)
+			} else {
+				err = pushMonolithic(c, s.URL, repoPush, blob, d)
+			}
+			if err != nil {
+				return err
+			}
+			mbps := float64(len(blob)) / 1e6 / time.Since(t0).Seconds()
+			if err := b.checkBlob(c, s.URL, repoPush, d, int64(len(blob))); err != nil {
+				return err
+			}
+			dds = append(dds, ddMBps)
+			if chunked {
+				chunks, chunkRatios = append(chunks, mbps), append(chunkRatios, mbps/ddMBps)
+			} else {
+				monos, monoRatios = append(monos, mbps), append(monoRatios, mbps/ddMBps)
+			}
+		}
 	}
-	r.MonolithicMBps = float64(len(blob)) / 1e6 / time.Since(t0).Seconds()
-	if err := b.checkBlob(c, s.URL, repoPush, d, int64(len(blob))); err != nil {
-		return err
-	}
-
-	ddChunked, err := b.dd(workDir)
-	if err != nil {
-		return err
-	}
-	blob[0] ^= 0xff // another blob of the same size
-	d = digest.FromBytes(blob)
-	t0 = time.Now()
-	if err := pushChunked(c, s.URL, repoPush, blob, d, b.cfg.chunkSize); err != nil {
-		return err
-	}
-	r.ChunkedMBps = float64(len(blob)) / 1e6 / time.Since(t0).Seconds()
-	if err := b.checkBlob(c, s.URL, repoPush, d, int64(len(blob))); err != nil {
-		return err
-	}
-	r.DDMBps = (ddMono + ddChunked) / 2
-	r.MonolithicOverDD, r.ChunkedOverDD = r.MonolithicMBps/ddMono, r.ChunkedMBps/ddChunked
+	r.DDMBps, r.MonolithicMBps, r.ChunkedMBps = median(dds), median(monos), median(chunks)
+	r.MonolithicOverDD, r.ChunkedOverDD = median(monoRatios), median(chunkRatios)
 
 	one := blob[:b.cfg.pusherSize]
-	one[0] ^= 0x0f
-	d = digest.FromBytes(one)
-	t0 = time.Now()
+	one[1] ^= 0x0f
+	d := digest.FromBytes(one)
+	t0 := time.Now()
 	var mu sync.Mutex
 	parallel(b.cfg.pushers, func(int) error {
 		c := &http.Client{Transport: newTransport()}
@@ -375,7 +379,7 @@ func (b *bench) push(s *server, workDir string) error {
 	if err := b.checkBlob(c, s.URL, repoPush+"16", d, int64(len(one))); err != nil {
 		return err
 	}
-	b.logf("push: dd %.0f MB/s (mean); monolithic %.0f MB/s (%.2f × dd), chunked %.0f MB/s (%.2f × dd); %d × one blob: %.1f s, %d errors",
+	b.logf("push: dd %.0f MB/s (median); monolithic %.0f MB/s (%.2f × dd), chunked %.0f MB/s (%.2f × dd); %d × one blob: %.1f s, %d errors",
 		r.DDMBps, r.MonolithicMBps, r.MonolithicOverDD, r.ChunkedMBps, r.ChunkedOverDD, r.Pushers, r.ConcurrentSeconds, r.ConcurrentErrors)
 	return nil
 }
@@ -516,4 +520,13 @@ func rateName(rate int64) string {
 		return "at loopback speed"
 	}
 	return fmt.Sprintf("at %d MiB/s", rate>>20)
+}
+
+func median(v []float64) float64 {
+	if len(v) == 0 {
+		return 0
+	}
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	return s[len(s)/2]
 }
