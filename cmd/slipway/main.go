@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"net/url"
@@ -91,6 +92,7 @@ type serveConfig struct {
 	anonymousPull   bool
 	readHeader      time.Duration
 	bodyStall       time.Duration
+	sendStall       time.Duration
 
 	file        *fileConfig // the config file's contents, if any
 	upstreamSet bool        // --upstream or SLIPWAY_UPSTREAM was given
@@ -123,6 +125,7 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.BoolVar(&c.anonymousPull, "anonymous-pull", true, "with --htpasswd, let clients without credentials pull")
 	fs.DurationVar(&c.readHeader, "read-header-timeout", 10*time.Second, "close a connection whose request headers take longer than this to arrive")
 	fs.DurationVar(&c.bodyStall, "body-stall-timeout", time.Minute, "cut off a request body (a push) that brings less than 4 KiB in this long; 0: never")
+	fs.DurationVar(&c.sendStall, "send-stall-timeout", time.Minute, "drop a client that takes in less than 256 KiB of a response in this long (it stopped reading); 0: never")
 	c.life.register(fs)
 	return fs, c
 }
@@ -294,9 +297,10 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 	}
 	// No ReadTimeout or WriteTimeout: a pull or push of a big blob may take
 	// as long as it needs while it makes progress. Slow clients are bounded
-	// by ReadHeaderTimeout (slowloris) and stallGuard (trickled bodies).
+	// by ReadHeaderTimeout (slowloris), stallGuard (trickled bodies) and
+	// sendGuard (clients that stop reading).
 	hs := &http.Server{
-		Handler:           stallGuard(srv.Handler(), c.bodyStall),
+		Handler:           sendGuard(stallGuard(srv.Handler(), c.bodyStall), c.sendStall),
 		ReadHeaderTimeout: c.readHeader,
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
@@ -430,3 +434,84 @@ func (s *stallReader) Read(p []byte) (int, error) {
 }
 
 func (s *stallReader) Close() error { return s.body.Close() }
+
+// sendPiece is what a client must take in of a response in each
+// --send-stall-timeout: 256 KiB a minute by default, about 4 KiB a second.
+const sendPiece = 256 << 10
+
+// sendGuard drops clients that stop reading. With no WriteTimeout (a big
+// pull may take as long as it needs), a client that opens a pull and never
+// reads would hold its connection and goroutine for ever. Responses go out
+// in pieces of sendPiece bytes, each with a write deadline window away, so
+// a slow client that keeps reading is never cut. Blob bodies stay on
+// sendfile: each piece is a file section. window <= 0: off.
+func sendGuard(h http.Handler, window time.Duration) http.Handler {
+	if window <= 0 {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		sw := &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w), window: window}
+		if sw.extend() != nil { // the connection has no deadlines
+			h.ServeHTTP(w, r)
+			return
+		}
+		h.ServeHTTP(sw, r)
+		// net/http flushes the last bytes after the handler returns: give
+		// them a window too. The next request on the connection moves the
+		// deadline again before it writes.
+		sw.extend()
+	})
+}
+
+type stallWriter struct {
+	http.ResponseWriter
+	rc     *http.ResponseController
+	window time.Duration
+}
+
+func (s *stallWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+func (s *stallWriter) extend() error { return s.rc.SetWriteDeadline(time.Now().Add(s.window)) }
+
+func (s *stallWriter) WriteHeader(code int) {
+	s.extend()
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *stallWriter) Write(p []byte) (int, error) {
+	var n int
+	for len(p) > 0 {
+		s.extend()
+		m, err := s.ResponseWriter.Write(p[:min(len(p), sendPiece)])
+		n += m
+		if err != nil {
+			return n, err
+		}
+		p = p[m:]
+	}
+	return n, nil
+}
+
+// ReadFrom sends r in pieces through the ResponseWriter's own ReadFrom,
+// which uses sendfile(2) when r is a file or a section of one.
+func (s *stallWriter) ReadFrom(r io.Reader) (int64, error) {
+	rf, ok := s.ResponseWriter.(io.ReaderFrom)
+	if !ok {
+		return io.CopyBuffer(struct{ io.Writer }{s}, r, make([]byte, 32<<10))
+	}
+	lr, ok := r.(*io.LimitedReader)
+	if !ok {
+		lr = &io.LimitedReader{R: r, N: math.MaxInt64}
+	}
+	var total int64
+	for lr.N > 0 {
+		s.extend()
+		n, err := rf.ReadFrom(&io.LimitedReader{R: lr.R, N: min(lr.N, sendPiece)})
+		lr.N -= n
+		total += n
+		if err != nil || n == 0 {
+			return total, err
+		}
+	}
+	return total, nil
+}
