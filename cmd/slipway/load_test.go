@@ -14,6 +14,7 @@ import (
 	"encoding/hex"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	mrand "math/rand/v2"
@@ -44,18 +45,26 @@ import (
 // goroutines (which must return near their baseline once clients leave).
 // Latency is reported, never asserted: CI machines are busy.
 //
-// SLIPWAY_LOAD_SECONDS sets the duration (default 8; run longer by hand,
-// e.g. SLIPWAY_LOAD_SECONDS=60 go test -run TestLoad -v ./cmd/slipway/).
-// SLIPWAY_LOAD_CONNS sets the number of clients (default 500; 200 under
-// -race: there 500 clients on CI's two cores reached 520 MiB, mostly the
-// race detector's shadow memory, and p99 latencies of 2.5 s).
+// The flag -load.seconds, or SLIPWAY_LOAD_SECONDS, sets the duration
+// (default 8; run longer by hand, e.g.
+// go test -run TestLoad -v ./cmd/slipway/ -args -load.seconds 60).
+// -load.conns or SLIPWAY_LOAD_CONNS sets the number of clients (default
+// 500; 200 under -race: there 500 clients on CI's two cores reached
+// 520 MiB, mostly the race detector's shadow memory, and p99 latencies of
+// 2.5 s).
 func TestLoad(t *testing.T) {
 	secs := envInt(t, "SLIPWAY_LOAD_SECONDS", 8)
+	if *loadSeconds > 0 {
+		secs = *loadSeconds
+	}
 	conns := 500
 	if raceEnabled() {
 		conns = 200
 	}
 	conns = envInt(t, "SLIPWAY_LOAD_CONNS", conns)
+	if *loadConns > 0 {
+		conns = *loadConns
+	}
 	dur := time.Duration(secs) * time.Second
 
 	up := newUpstream(t)
@@ -259,6 +268,11 @@ func TestLoad(t *testing.T) {
 }
 
 func ms(d time.Duration) float64 { return float64(d) / float64(time.Millisecond) }
+
+var (
+	loadSeconds = flag.Int("load.seconds", 0, "TestLoad's duration in seconds (default 8)")
+	loadConns   = flag.Int("load.conns", 0, "TestLoad's clients (default 500, 200 under -race)")
+)
 
 // envInt reads a positive integer from the environment variable name, or
 // returns def if it is not set.
