@@ -601,6 +601,47 @@ func TestTagRevalidation(t *testing.T) {
 	}
 }
 
+// containerd pulls with a HEAD by tag, then GETs by digest. The HEAD
+// resolves the tag as a GET would: one upstream request for the pair, and
+// the tag is cached, so the same pull works once the upstream is down.
+func TestContainerdShapedPull(t *testing.T) {
+	e := newPullEnv(t, false)
+	img, _ := random.Image(1024, 1)
+	e.pushImage(t, img, "team/app:v1")
+	want, _ := img.Digest()
+	raw, _ := img.RawManifest()
+	accept := http.Header{"Accept": {"application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.v2+json", "application/vnd.oci.image.manifest.v1+json"}}
+	heads := e.up.countPrefix("HEAD", "/v2/team/app/manifests/") // crane.Push asks too
+	gets := e.up.countPrefix("GET", "/v2/team/app/manifests/")
+
+	pull := func(when string) {
+		t.Helper()
+		resp := do(t, http.MethodHead, e.url("/v2/team/app/manifests/v1"), accept)
+		if resp.StatusCode != http.StatusOK || resp.Header.Get("Docker-Content-Digest") != want.String() || resp.ContentLength != int64(len(raw)) {
+			t.Fatalf("%s: HEAD by tag: %d, digest %q, length %d", when, resp.StatusCode, resp.Header.Get("Docker-Content-Digest"), resp.ContentLength)
+		}
+		resp = do(t, http.MethodGet, e.url("/v2/team/app/manifests/"+want.String()), accept)
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK || !bytes.Equal(body, raw) {
+			t.Fatalf("%s: GET by digest: %d, %d bytes", when, resp.StatusCode, len(body))
+		}
+	}
+	pull("first pull")
+	if n := e.up.countPrefix("HEAD", "/v2/team/app/manifests/") - heads; n != 0 {
+		t.Errorf("first pull: %d upstream HEADs, want 0 (the tag is fetched with a GET)", n)
+	}
+	if n := e.up.countPrefix("GET", "/v2/team/app/manifests/") - gets; n != 1 {
+		t.Errorf("first pull: %d upstream manifest GETs, want 1", n)
+	}
+	pull("second pull, inside the tag's window")
+	if n := e.up.countPrefix("GET", "/v2/team/app/manifests/") - gets; n != 1 {
+		t.Errorf("a fresh tag was fetched again: %d GETs", n)
+	}
+	e.up.Close()
+	e.clock.Advance(2 * testTagTTL)
+	pull("upstream down, tag past its window")
+}
+
 func TestRateLimitedUpstreamServesStale(t *testing.T) {
 	e := newPullEnv(t, false)
 	img, _ := random.Image(1024, 1)

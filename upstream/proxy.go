@@ -293,9 +293,9 @@ func (p *Proxy) fetchManifest(ctx context.Context, repo, ref string, accept []st
 	return m, nil
 }
 
-// HeadManifest answers a HEAD for repo:ref. Uncached manifests are asked of
-// the upstream with a HEAD and nothing is stored; a cached tag past its
-// freshness window is revalidated the same way as for a GET.
+// HeadManifest answers a HEAD for repo:ref. A manifest by digest that is
+// not cached is asked of the upstream with a HEAD and nothing is stored; a
+// tag is resolved exactly as for a GET.
 func (p *Proxy) HeadManifest(ctx context.Context, repo, ref string, accept []string) (Descriptor, Source, error) {
 	if d, err := digest.Parse(ref); err == nil {
 		if m, err := p.store.GetManifest(d); err == nil {
@@ -311,28 +311,15 @@ func (p *Proxy) HeadManifest(ctx context.Context, repo, ref string, accept []str
 		desc, err := p.up.HeadManifest(ctx, repo, ref, withAll(accept))
 		return desc, SourceUpstream, p.remember(key, err)
 	}
-	cached, t, ok := p.cachedTag(repo, ref, accept)
-	if ok && p.now().Sub(t.FetchedAt) < p.tagTTL {
-		return descOf(cached), SourceHit, nil
+	// A tag is resolved as for a GET: fetched and stored when it is not
+	// fresh. containerd pulls with a HEAD by tag, then a GET by digest:
+	// so that costs one upstream request, not two, and the tag is cached
+	// for when the upstream is down.
+	m, src, err := p.manifestByTag(ctx, repo, ref, accept)
+	if err != nil {
+		return Descriptor{}, "", err
 	}
-	nkey := negKey("m", repo, ref)
-	if !ok && p.neg.has(nkey) {
-		return Descriptor{}, "", errRemembered
-	}
-	desc, err := p.up.HeadManifest(ctx, repo, ref, accept)
-	switch {
-	case err == nil && ok && desc.Digest == cached.Digest:
-		if err := p.store.SetTag(p.ns(), repo, ref, cache.Tag{Digest: cached.Digest, FetchedAt: p.now()}); err != nil {
-			return Descriptor{}, "", err
-		}
-		return descOf(cached), SourceRevalidated, nil
-	case err == nil:
-		return desc, SourceUpstream, nil
-	case ok && p.staleable(err):
-		p.log.Warn("serving stale tag", "upstream", p.ns(), "repo", repo, "ref", ref, "digest", cached.Digest, "err", err)
-		return descOf(cached), SourceStale, nil
-	}
-	return Descriptor{}, "", p.remember(nkey, err)
+	return descOf(m), src, nil
 }
 
 func descOf(m cache.Manifest) Descriptor {
