@@ -454,6 +454,7 @@ func (r *follower) WriteTo(w io.Writer) (int64, error) {
 		if err != nil {
 			return total, err
 		}
+		visible = r.linger(visible)
 		if _, err := r.f.Seek(r.off, io.SeekStart); err != nil {
 			return total, err
 		}
@@ -462,6 +463,40 @@ func (r *follower) WriteTo(w io.Writer) (int64, error) {
 		total += n
 		if err != nil {
 			return total, err
+		}
+	}
+}
+
+// A follower close behind the writer would send every network read of the
+// fill as its own sendfile, woken each time: with 32 clients on one fill
+// that is most of the server's CPU. So it lingers a moment for a stretch
+// worth sending; the bytes still flow as they arrive, a little later.
+const (
+	followBatch  = 256 << 10
+	followLinger = 2 * time.Millisecond
+)
+
+// linger waits, up to followLinger, until at least followBatch bytes past
+// r.off are visible or no more will come, and returns how far they go.
+func (r *follower) linger(visible int64) int64 {
+	if visible-r.off >= followBatch {
+		return visible
+	}
+	t := time.NewTimer(followLinger)
+	defer t.Stop()
+	for {
+		r.w.mu.Lock()
+		visible, final, err, changed := r.w.visible, r.w.final, r.w.err, r.w.changed
+		r.w.mu.Unlock()
+		if visible-r.off >= followBatch || final || err != nil {
+			return visible
+		}
+		select {
+		case <-changed:
+		case <-t.C:
+			return visible
+		case <-r.ctx.Done():
+			return visible
 		}
 	}
 }
