@@ -454,7 +454,9 @@ func (r *follower) WriteTo(w io.Writer) (int64, error) {
 		if err != nil {
 			return total, err
 		}
-		visible = r.linger(visible)
+		if total > 0 { // the first bytes go at once: time to first byte counts
+			visible = r.linger(visible)
+		}
 		if _, err := r.f.Seek(r.off, io.SeekStart); err != nil {
 			return total, err
 		}

@@ -9,7 +9,7 @@
 #
 # The cold fill runs twice: with the upstream at loopback speed, where 32
 # copies cannot leave faster than the machine serves warm reads, and over
-# a 100 MiB/s upstream link (--upstream-link), as from a site's internet
+# a 64 MiB/s upstream link (--upstream-link, about 540 Mbit/s), as from a site's internet
 # connection. Extra arguments go to every `slipbench run`. Results land in
 # $SLIPBENCH_OUT (default ./slipbench-out) as JSON, with the servers' logs.
 # distribution runs in proxy mode for the read scenarios and in plain mode
@@ -60,11 +60,11 @@ results=("$out/slipway.json")
 "$BIN/slipbench" run --name ceiling --scenarios warm-blob,warm-manifest \
 	--server "$ceiling" --json "$out/ceiling.json" --server-log "$out/ceiling.log" "$@"
 if command -v docker-registry >/dev/null 2>&1; then
-	"$BIN/slipbench" run --name distribution --upstream-link 100MiB --server "$distribution_proxy" --push-server "$distribution_plain" \
+	"$BIN/slipbench" run --name distribution --upstream-link 64MiB --server "$distribution_proxy" --push-server "$distribution_plain" \
 		--json "$out/distribution.json" --server-log "$out/distribution.log" "$@"
 	results+=("$out/distribution.json")
 fi
-"$BIN/slipbench" run --name slipway --upstream-link 100MiB --server "$slipway" \
+"$BIN/slipbench" run --name slipway --upstream-link 64MiB --server "$slipway" \
 	--json "$out/slipway.json" --server-log "$out/slipway.log" "$@"
 results+=("$out/ceiling.json")
 
