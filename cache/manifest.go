@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"errors"
 	"time"
 
@@ -44,16 +45,33 @@ func (s *Store) PutManifest(m Manifest) error {
 			return nil
 		}
 	}
-	return s.set(keyManifest(m.Digest), encodeManifest(m))
+	if err := s.set(keyManifest(m.Digest), encodeManifest(m)); err != nil {
+		return err
+	}
+	m.Bytes = bytes.Clone(m.Bytes) // the caller keeps its slice
+	s.hot.wrote(m)
+	return nil
 }
 
-// GetManifest returns the manifest stored under d, or ErrNotFound.
+// GetManifest returns the manifest stored under d, or ErrNotFound. The
+// returned bytes are the caller's to keep.
 func (s *Store) GetManifest(d digest.Digest) (Manifest, error) {
+	if m, ok := s.hot.get(d); ok {
+		m.Bytes = bytes.Clone(m.Bytes)
+		return m, nil
+	}
+	gen := s.hot.generation()
 	v, err := s.get(keyManifest(d))
 	if err != nil {
 		return Manifest{}, err
 	}
-	return decodeManifest(d, v)
+	m, err := decodeManifest(d, v)
+	if err == nil {
+		held := m
+		held.Bytes = bytes.Clone(m.Bytes)
+		s.hot.add(held, gen)
+	}
+	return m, err
 }
 
 // SetTag points ns/repo:tag at t.

@@ -77,6 +77,7 @@ type Store struct {
 	opt   Options
 
 	life     lifecycle
+	hot      hotManifests   // manifests read last, in memory
 	declared declaredWrites // pushes of a declared digest in flight
 
 	stop      chan struct{}
