@@ -149,3 +149,20 @@ func TestParseSize(t *testing.T) {
 		}
 	}
 }
+
+func TestMergeKeepsTheBestWarmFigures(t *testing.T) {
+	a := &result{Name: "x", WarmBlob: &warmBlobResult{GiBps1: 2, GiBpsN: 3, CPUSecondsPerGiBN: 0.4},
+		WarmManifest: &warmManifestResult{RPS: 100, P99Ms: 9, Errors: 1}}
+	b := &result{Name: "x", WarmBlob: &warmBlobResult{GiBps1: 1, GiBpsN: 4, CPUSecondsPerGiBN: 0.3},
+		WarmManifest: &warmManifestResult{RPS: 90, P99Ms: 7, UpstreamRequests: 2}, Push: &pushResult{DDMBps: 1}}
+	mergeBest(a, b)
+	if w := a.WarmBlob; w.GiBps1 != 2 || w.GiBpsN != 4 || w.CPUSecondsPerGiBN != 0.3 {
+		t.Errorf("warm blob %+v", w)
+	}
+	if m := a.WarmManifest; m.RPS != 100 || m.P99Ms != 7 || m.Errors != 1 || m.UpstreamRequests != 2 {
+		t.Errorf("warm manifest %+v: errors and upstream requests must not be hidden", m)
+	}
+	if a.Push == nil {
+		t.Error("a scenario only the second run has was dropped")
+	}
+}
