@@ -457,8 +457,7 @@ func sendGuard(h http.Handler, window time.Duration) http.Handler {
 		}
 		h.ServeHTTP(sw, r)
 		// net/http flushes the last bytes after the handler returns: give
-		// them a window too. The next request on the connection moves the
-		// deadline again before it writes.
+		// them a window too. Then it clears the deadline itself.
 		sw.extend()
 	})
 }

@@ -56,6 +56,35 @@ func TestSendStall(t *testing.T) {
 		waitGoroutines(t, addr, base, 10*time.Second)
 	})
 
+	t.Run("idle keep-alive connection", func(t *testing.T) {
+		// A connection that waited longer than the window after a full
+		// response still gets net/http's own answer to its next request.
+		c, err := net.Dial("tcp", addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(20 * time.Second))
+		br := bufio.NewReader(c)
+		fmt.Fprintf(c, "GET /v2/ HTTP/1.1\r\nHost: %s\r\n\r\n", addr)
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			t.Fatalf("first request: %v", err)
+		}
+		io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		time.Sleep(window + time.Second)
+		fmt.Fprintf(c, "GET /v2/ HTTP/1.1\r\nHost: %s\r\nno colon here\r\n\r\n", addr)
+		resp, err = http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatalf("a malformed request after %s idle got no answer: %v", window+time.Second, err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusBadRequest {
+			t.Errorf("malformed request: status %d, want 400", resp.StatusCode)
+		}
+	})
+
 	t.Run("slow but reading", func(t *testing.T) {
 		// 64 KiB every 50 ms: about 1.3 MB/s, well above 256 KiB a window.
 		got, n, err := rawGet(addr, "/v2/"+small.repo+"/blobs/"+smallLayer, 64<<10, 50*time.Millisecond)
