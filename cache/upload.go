@@ -313,6 +313,27 @@ type hashDigester struct {
 func (d hashDigester) Hash() hash.Hash       { return d.h }
 func (d hashDigester) Digest() digest.Digest { return digest.NewDigest(d.alg, d.h) }
 
+// UploadsOpen counts the upload sessions started and not yet finished,
+// canceled or expired. It reads only keys: a scrape's worth of work.
+func (s *Store) UploadsOpen() (int, error) {
+	n := 0
+	err := s.db.View(func(txn *badger.Txn) error {
+		o := badger.DefaultIteratorOptions
+		o.PrefetchValues = false
+		o.Prefix = keyUploadPrefix()
+		it := txn.NewIterator(o)
+		defer it.Close()
+		for it.Rewind(); it.Valid(); it.Next() {
+			n++
+		}
+		return nil
+	})
+	if errors.Is(err, badger.ErrDBClosed) {
+		return 0, ErrClosed
+	}
+	return n, err
+}
+
 // DeleteUpload cancels upload id and removes its bytes. A missing upload is
 // ErrNotFound.
 func (s *Store) DeleteUpload(id string) error {

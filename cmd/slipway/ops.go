@@ -38,11 +38,14 @@ func loadAuth(c *serveConfig) (*mirror.Auth, error) {
 }
 
 // storeStats feeds the disk and eviction gauges from the store's running
-// totals (no index reads). The store does not count open upload sessions
-// yet: -1 leaves that gauge out.
+// totals, and the open uploads gauge from a count of their keys.
 func storeStats(s *cache.Store) func() mirror.StoreStats {
 	return func() mirror.StoreStats {
 		st := s.Stats()
-		return mirror.StoreStats{DiskBytes: st.Bytes, Evictions: uint64(st.Evicted), UploadsOpen: -1}
+		uploads := int64(-1) // unknown: the gauge is left out
+		if n, err := s.UploadsOpen(); err == nil {
+			uploads = int64(n)
+		}
+		return mirror.StoreStats{DiskBytes: st.Bytes, Evictions: uint64(st.Evicted), UploadsOpen: uploads}
 	}
 }

@@ -290,3 +290,50 @@ func waitStatus(t *testing.T, p *proc, url string, status int) {
 	}
 	t.Fatalf("%s did not answer %d within 10 s", url, status)
 }
+
+func TestUploadSessionsGauge(t *testing.T) {
+	up := newUpstream(t)
+	addr := freeAddr(t)
+	p := start(t, nil, "serve", "--listen", addr, "--upstream", up.url, "--data-dir", t.TempDir(),
+		"--push-prefix", "local", "--log-level", "warn")
+	p.waitReady(t, addr)
+	gauge := func() float64 {
+		t.Helper()
+		m, err := serverMetrics(addr, "slipway_upload_sessions_open")
+		if err != nil {
+			t.Fatal(err)
+		}
+		v, ok := m["slipway_upload_sessions_open"]
+		if !ok {
+			t.Fatal("/metrics has no slipway_upload_sessions_open")
+		}
+		return v
+	}
+	if g := gauge(); g != 0 {
+		t.Fatalf("no uploads yet, gauge %v", g)
+	}
+	var locs []string
+	for i := 0; i < 3; i++ {
+		resp, err := http.Post("http://"+addr+"/v2/local/app/blobs/uploads/", "", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusAccepted {
+			t.Fatalf("POST upload: %d", resp.StatusCode)
+		}
+		locs = append(locs, resp.Header.Get("Location"))
+	}
+	if g := gauge(); g != 3 {
+		t.Errorf("3 uploads open, gauge %v", g)
+	}
+	req, _ := http.NewRequest(http.MethodDelete, "http://"+addr+locs[0], nil)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if g := gauge(); g != 2 {
+		t.Errorf("after a cancel (%d), gauge %v, want 2", resp.StatusCode, g)
+	}
+}
