@@ -163,8 +163,7 @@ func (s *Store) AppendUpload(id string, offset int64, r io.Reader, want int64, t
 // appendLocked writes a chunk. With persist, the chunk is fsynced and the
 // new state stored, so that the upload resumes after a crash; a last
 // chunk, committed at once, skips both: the commit fsyncs the file if it
-// is the first copy of its blob, and a copy that is not the first is never
-// flushed at all (16 concurrent pushes of one layer reach the disk once).
+// is the first copy of its blob and drops it, unsynced, if it is not.
 func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int64, ttl time.Duration, persist bool) error {
 	if offset >= 0 && offset != u.Size {
 		return fmt.Errorf("%w: chunk starts at %d, upload has %d bytes", ErrUploadOffset, offset, u.Size)
