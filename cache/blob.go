@@ -65,15 +65,7 @@ func (s *Store) OpenBlob(d digest.Digest) (*os.File, BlobInfo, error) {
 
 // PutBlob stores r under d: a convenience for small blobs and tests.
 func (s *Store) PutBlob(r io.Reader, d digest.Digest, origin Origin) error {
-	w, err := s.NewBlobWriter(d.Algorithm())
-	if err != nil {
-		return err
-	}
-	defer w.Cancel()
-	if _, err := io.Copy(w, r); err != nil {
-		return err
-	}
-	return w.Commit(d, -1, origin)
+	return s.writeBlob(d, r, -1, origin, nil)
 }
 
 // BlobWriter writes one blob into a temp file beside the store. Bytes become
