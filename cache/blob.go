@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -26,7 +27,7 @@ type BlobInfo struct {
 
 // StatBlob returns the index entry of a stored blob, or ErrNotFound.
 func (s *Store) StatBlob(d digest.Digest) (BlobInfo, error) {
-	v, err := s.get(keyBlob(d))
+	v, err := s.ix.get(keyBlob(d))
 	if err != nil {
 		return BlobInfo{}, err
 	}
@@ -65,7 +66,7 @@ func (s *Store) OpenBlob(d digest.Digest) (*os.File, BlobInfo, error) {
 
 // PutBlob stores r under d: a convenience for small blobs and tests.
 func (s *Store) PutBlob(r io.Reader, d digest.Digest, origin Origin) error {
-	return s.writeBlob(d, r, -1, origin, nil)
+	return s.writeBlob(d, r, -1, origin)
 }
 
 // BlobWriter writes one blob into a temp file beside the store. Bytes become
@@ -95,6 +96,11 @@ type BlobWriter struct {
 	err     error         // set when the write failed or was canceled
 	changed chan struct{} // closed and replaced whenever the above change
 	readers []*os.File    // followers' files, counted as readers once committed
+
+	// keep: the temp file is the caller's (an upload session's). Commit
+	// links it into place instead of renaming it, and nothing removes it:
+	// a commit that fails for a reason that may pass can be retried.
+	keep bool
 }
 
 // NewBlobWriter starts a blob whose digest will use alg (sha256 if empty).
@@ -251,11 +257,7 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 	if info, err := s.StatBlob(d); err == nil {
 		if _, statErr := os.Stat(final); statErr == nil {
 			w.dropTemp(final)
-			if origin == OriginPushed && info.Origin != OriginPushed {
-				info.Origin = OriginPushed
-				return s.set(keyBlob(d), encodeBlob(info))
-			}
-			return nil
+			return s.storedAgain(info, origin)
 		}
 		// Indexed but the file is gone: store it again below, and keep
 		// the pin of content that was pushed.
@@ -267,32 +269,36 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 	}
 
 	w.wb.stop()
-	if err := w.f.Sync(); err != nil {
+	if err := fsync(w.f); err != nil {
 		return s.writeErr("fsync", err)
 	}
 	dir := filepath.Dir(final)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		return fmt.Errorf("cache: %w", err)
+	if err := s.makeBlobDir(dir); err != nil {
+		return err
 	}
-	w.mu.Lock()
-	err := os.Rename(w.path, final)
-	if err == nil {
-		w.path = final
+	if err := w.place(final); err != nil {
+		return err
 	}
-	w.mu.Unlock()
-	if err != nil {
-		return fmt.Errorf("cache: rename into place: %w", err)
-	}
+	placed := true
+	defer func() {
+		if placed && w.keep {
+			// Not indexed: take the link away, the session keeps its file.
+			os.Remove(final)
+		}
+	}()
 	if err := syncDir(dir); err != nil {
+		return s.writeErr("fsync blob directory", err)
+	}
+	_, statErr := s.StatBlob(d)
+	if err := s.ix.set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: size, Origin: origin, StoredAt: s.now()})); err != nil {
 		return err
 	}
-	w.f.Close()
-	_, statErr := s.StatBlob(d)
-	if err := s.set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: size, Origin: origin, StoredAt: s.now()})); err != nil {
-		return err
+	placed = false
+	if !w.keep {
+		w.f.Close()
 	}
 	if errors.Is(statErr, ErrNotFound) {
-		s.addSize(size)
+		s.life.addBlob(size)
 		if origin == OriginPulled {
 			s.life.misses.Add(1) // a fill stored it: one miss
 		}
@@ -307,22 +313,103 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 	return nil
 }
 
+// storedAgain records a write of a blob that was already stored: a push
+// makes it pushed content (so pinned), and counts as a use, so that the
+// manifest that follows finds it within the grace however old the first
+// copy is.
+func (s *Store) storedAgain(info BlobInfo, origin Origin) error {
+	if origin != OriginPushed {
+		return nil
+	}
+	return s.ix.update(func(txn *badger.Txn) error {
+		if info.Origin != OriginPushed {
+			info.Origin = OriginPushed
+			if err := txn.Set(keyBlob(info.Digest), encodeBlob(info)); err != nil {
+				return err
+			}
+		}
+		return s.renew(txn, info.Digest)
+	})
+}
+
+// place puts the temp file at final: a rename, or for a kept temp file a
+// hard link.
+func (w *BlobWriter) place(final string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	var err error
+	if w.keep {
+		err = os.Link(w.path, final)
+		if errors.Is(err, fs.ErrExist) {
+			// A file nobody indexed (a crash between rename and index):
+			// ours is verified, so it replaces it.
+			if err = os.Remove(final); err == nil {
+				err = os.Link(w.path, final)
+			}
+		}
+	} else if err = os.Rename(w.path, final); err == nil {
+		w.path = final
+	}
+	if err != nil {
+		return w.s.writeErr("move blob into place", err)
+	}
+	return nil
+}
+
+// makeBlobDir creates a blob directory, and its algorithm directory, if
+// they are missing, and fsyncs the parent of each one it creates: a
+// directory's own entry must survive a power cut as its files' do.
+func (s *Store) makeBlobDir(dir string) error {
+	if _, err := os.Stat(dir); err == nil {
+		return nil
+	}
+	// One creator at a time, so that nobody goes on before the creator's
+	// fsync of the parent.
+	s.dirMu.Lock()
+	defer s.dirMu.Unlock()
+	for _, d := range []string{filepath.Dir(dir), dir} {
+		err := os.Mkdir(d, 0o755)
+		if errors.Is(err, fs.ErrExist) {
+			continue
+		}
+		if err != nil {
+			return s.writeErr("create blob directory", err)
+		}
+		if err := syncDir(filepath.Dir(d)); err != nil {
+			return s.writeErr("fsync blob directory", err)
+		}
+	}
+	return nil
+}
+
 // dropTemp removes the temp file because an identical blob is already at final.
 // Only a temp file is removed: on a writer that was already committed, w.path
-// is the stored blob itself.
+// is the stored blob itself; a kept temp file is the caller's.
 func (w *BlobWriter) dropTemp(final string) {
 	w.mu.Lock()
 	tmp := w.path
 	w.path = final
 	w.mu.Unlock()
 	w.wb.stop()
+	if w.keep {
+		return
+	}
 	w.f.Close()
 	if w.s.isTemp(tmp) {
 		os.Remove(tmp)
 	}
 }
 
+// fsync is f.Sync; tests make it fail.
+var fsync = (*os.File).Sync
+
+// syncDirHook, if set, sees every directory syncDir syncs.
+var syncDirHook func(dir string)
+
 func syncDir(dir string) error {
+	if syncDirHook != nil {
+		syncDirHook(dir)
+	}
 	d, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("cache: %w", err)
@@ -351,6 +438,9 @@ func (w *BlobWriter) Abort(err error) {
 	w.notifyLocked()
 	w.mu.Unlock()
 	w.wb.stop()
+	if w.keep {
+		return
+	}
 	w.f.Close()
 	if w.s.isTemp(path) {
 		os.Remove(path)

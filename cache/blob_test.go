@@ -116,7 +116,7 @@ func wantBlobPath(d digest.Digest) string {
 func countKeys(t *testing.T, s *Store, prefix byte) int {
 	t.Helper()
 	n := 0
-	err := s.db.View(func(txn *badger.Txn) error {
+	err := s.ix.db.View(func(txn *badger.Txn) error {
 		o := badger.DefaultIteratorOptions
 		o.PrefetchValues = false
 		o.Prefix = []byte{prefix}

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"io"
+	"runtime"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -83,10 +84,9 @@ func (g *gate) Read(b []byte) (int, error) {
 	return n, nil
 }
 
-// leaderThenWaiters starts a first push through g, waits until it is
-// half way, then starts n pushes of good bytes and waits until all of them
-// wait for the first (or, with wantWait false, just starts them).
-func leaderThenWaiters(t *testing.T, s *Store, blob []byte, g *gate, n int, wantWait bool) (leader chan error, rest []chan error) {
+// leaderThenOthers starts a first push through g, waits until it is half
+// way, then starts n pushes of good bytes.
+func leaderThenOthers(t *testing.T, s *Store, blob []byte, g *gate, n int) (leader chan error, rest []chan error) {
 	d := digest.FromBytes(blob)
 	leader = make(chan error, 1)
 	go func() { leader <- s.WriteDeclared(d, g, int64(len(blob)), OriginPushed) }()
@@ -100,70 +100,139 @@ func leaderThenWaiters(t *testing.T, s *Store, blob []byte, g *gate, n int, want
 		go func() { c <- s.WriteDeclared(d, bytes.NewReader(blob), int64(len(blob)), OriginPushed) }()
 		rest = append(rest, c)
 	}
-	if wantWait {
-		s.declared.mu.Lock()
-		e := s.declared.m[d]
-		s.declared.mu.Unlock()
-		if e == nil {
-			t.Fatal("the first push is not registered as the writer")
-		}
-		deadline := time.Now().Add(10 * time.Second)
-		for e.waiters.Load() != int32(n) && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
-		if got := e.waiters.Load(); got != int32(n) {
-			t.Fatalf("%d pushes wait for the first, want %d", got, n)
-		}
-	}
 	return leader, rest
 }
 
-func TestWriteDeclaredWriterFailsWaitersStore(t *testing.T) {
+func awaitAll(t *testing.T, what string, cs []chan error) {
+	t.Helper()
+	for i, c := range cs {
+		select {
+		case err := <-c:
+			if err != nil {
+				t.Errorf("%s %d: %v", what, i, err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s %d has not ended after 10 s", what, i)
+		}
+	}
+}
+
+// A push whose body breaks half way leaves the half it wrote to the
+// others: they compare it, append the rest, and one of them commits.
+// Nothing is written twice.
+func TestWriteDeclaredWriterFailsOthersStore(t *testing.T) {
 	s, written := countWrites(t)
 	blob := testBytes(1<<20, 7)
 	d := digest.FromBytes(blob)
 	g := &gate{p: blob, half: make(chan struct{}), release: make(chan struct{}), fail: errors.New("client went away")}
-	leader, rest := leaderThenWaiters(t, s, blob, g, 4, true)
+	leader, rest := leaderThenOthers(t, s, blob, g, 4)
+	awaitAll(t, "push beside a broken one", rest)
 	close(g.release)
 	if err := <-leader; err == nil {
 		t.Error("the push whose body broke succeeded")
 	}
-	for i, c := range rest {
-		if err := <-c; err != nil {
-			t.Errorf("waiting push %d: %v", i, err)
-		}
-	}
-	// The broken half, then one whole copy by the waiter that took over.
-	if got, want := written.Load(), int64(len(blob)/2+len(blob)); got != want {
-		t.Errorf("wrote %d bytes, want %d", got, want)
+	if got := written.Load(); got != int64(len(blob)) {
+		t.Errorf("wrote %d bytes, want the blob's %d once", got, len(blob))
 	}
 	checkStored(t, s, d, blob, OriginPushed)
 }
 
+// Issue 12, item 4: a push that stalls half way holds nobody up. Every
+// push reads its own body at its own pace, so no client's body stalls
+// while another's is slow (a stall guard would cut it off).
 func TestWriteDeclaredStalledWriterDoesNotHoldOthers(t *testing.T) {
-	old := declaredStall
-	declaredStall = 100 * time.Millisecond
-	t.Cleanup(func() { declaredStall = old })
-	s, _ := countWrites(t)
+	s, written := countWrites(t)
 	blob := testBytes(1<<20, 7)
 	d := digest.FromBytes(blob)
 	g := &gate{p: blob, half: make(chan struct{}), release: make(chan struct{})}
-	leader, rest := leaderThenWaiters(t, s, blob, g, 3, false)
-	for i, c := range rest {
-		select {
-		case err := <-c:
-			if err != nil {
-				t.Errorf("push %d behind a stalled one: %v", i, err)
-			}
-		case <-time.After(10 * time.Second):
-			t.Fatalf("push %d is still held by a stalled one after 10 s", i)
-		}
-	}
+	leader, rest := leaderThenOthers(t, s, blob, g, 3)
+	awaitAll(t, "push behind a stalled one", rest)
 	checkStored(t, s, d, blob, OriginPushed)
+	if got := written.Load(); got != int64(len(blob)) {
+		t.Errorf("wrote %d bytes, want the blob's %d once", got, len(blob))
+	}
 	close(g.release)
 	if err := <-leader; err == nil {
 		t.Error("the stalled push, cut short, succeeded")
 	}
+}
+
+// A push with wrong bytes ahead of the others: they find their bytes
+// differ from the shared file's, go on alone from the prefix they agreed
+// on, and store the right blob; the wrong push gets ErrDigestMismatch.
+func TestWriteDeclaredWrongBytesAheadOfGoodOnes(t *testing.T) {
+	s, _ := countWrites(t)
+	blob := testBytes(1<<20, 7)
+	d := digest.FromBytes(blob)
+	wrong := bytes.Clone(blob)
+	wrong[len(wrong)/4] ^= 0xff // differs in the half the wrong push sends first
+	g := &gate{p: wrong, half: make(chan struct{}), release: make(chan struct{})}
+	leader, rest := leaderThenOthers(t, s, blob, g, 4)
+	awaitAll(t, "good push beside a wrong one", rest)
+	checkStored(t, s, d, blob, OriginPushed)
+	close(g.release)
+	if err := <-leader; err == nil {
+		t.Error("the wrong push succeeded")
+	}
+	// And once more after it: a fresh push of the blob only hashes.
+	if err := s.WriteDeclared(d, bytes.NewReader(blob), int64(len(blob)), OriginPushed); err != nil {
+		t.Fatal(err)
+	}
+	assertTmpEmpty(t, s.Dir())
+}
+
+// Many pushes of one digest with every kind of body at once, under -race:
+// the good ones all succeed, the bad ones all fail, one blob is stored, and
+// no temp file is left.
+func TestWriteDeclaredMixedBodiesConcurrently(t *testing.T) {
+	s, _ := countWrites(t)
+	blob := testBytes(2<<20, 9)
+	d := digest.FromBytes(blob)
+	bad := bytes.Clone(blob)
+	bad[len(bad)-1] ^= 1
+	bodies := []struct {
+		b    []byte
+		size int64
+		ok   bool
+	}{
+		{blob, int64(len(blob)), true}, {bad, int64(len(bad)), false}, {blob[:len(blob)/2], int64(len(blob)), false},
+		{append(bytes.Clone(blob), 'x'), -1, false}, {blob, -1, true},
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 25)
+	for i := range errs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			b := bodies[i%len(bodies)]
+			errs[i] = s.WriteDeclared(d, &slowReader{b: b.b, step: 8<<10 + i*1000}, b.size, OriginPushed)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if ok := bodies[i%len(bodies)].ok; ok != (err == nil) {
+			t.Errorf("push %d (good %v): %v", i, ok, err)
+		}
+	}
+	checkStored(t, s, d, blob, OriginPushed)
+	assertTmpEmpty(t, s.Dir())
+}
+
+// slowReader yields b in steps of step bytes, yielding the processor in
+// between, so that concurrent pushes interleave.
+type slowReader struct {
+	b    []byte
+	step int
+}
+
+func (r *slowReader) Read(p []byte) (int, error) {
+	if len(r.b) == 0 {
+		return 0, io.EOF
+	}
+	n := copy(p[:min(len(p), r.step)], r.b)
+	r.b = r.b[n:]
+	runtime.Gosched()
+	return n, nil
 }
 
 func TestWriteDeclaredStoredBlobIsOnlyHashed(t *testing.T) {

@@ -1,9 +1,7 @@
 package cache
 
 import (
-	"bytes"
 	"container/heap"
-	"errors"
 	"path"
 	"slices"
 	"strings"
@@ -43,52 +41,39 @@ func (p Pin) matchTag(ns, repo, tag string) bool {
 	return ok
 }
 
-// splitKey splits a key's parts after its prefix byte.
-func splitKey(k []byte) []string {
-	return strings.Split(string(k[1:]), "\x00")
-}
-
-// pinned resolves the pins against the index: tags -> manifests (and
-// their children) -> blobs.
+// pinned resolves the pins against the index from the top: tags ->
+// manifests (and their children) -> blobs, and everything whole pinned
+// repositories link. It is the plan's shortcut; pinnedNow, walking up from
+// one digest, is what an eviction asks when it acts.
 func (s *Store) pinned() (map[digest.Digest]bool, error) {
 	out := map[digest.Digest]bool{}
 	if len(s.opt.Pins) == 0 {
 		return out, nil
 	}
 	var roots []digest.Digest
-	err := s.db.View(func(txn *badger.Txn) error {
-		o := badger.DefaultIteratorOptions
-		o.Prefix = []byte{prefixTag}
-		it := txn.NewIterator(o)
-		defer func() { it.Close() }()
-		for it.Rewind(); it.Valid(); it.Next() {
-			p := splitKey(it.Item().Key())
-			if len(p) != 3 || !slices.ContainsFunc(s.opt.Pins, func(pin Pin) bool { return pin.matchTag(p[0], p[1], p[2]) }) {
-				continue
+	err := s.ix.view(func(txn *badger.Txn) error {
+		err := each(txn, keyAll(prefixTag), nil, false, func(item *badger.Item) error {
+			ns, repo, tag, ok := parseTagKey(item.Key())
+			if !ok || !slices.ContainsFunc(s.opt.Pins, func(p Pin) bool { return p.matchTag(ns, repo, tag) }) {
+				return nil
 			}
-			err := it.Item().Value(func(v []byte) error {
-				t, err := decodeTag(v)
-				if err == nil {
+			return item.Value(func(v []byte) error {
+				if t, err := decodeTag(v); err == nil {
 					roots = append(roots, t.Digest)
 				}
 				return nil
 			})
-			if err != nil {
-				return err
-			}
+		})
+		if err != nil {
+			return err
 		}
-		it.Close()
-		// Whole repositories and upstreams: everything they link.
-		o.Prefix = []byte{prefixLink}
-		o.PrefetchValues = false
-		it = txn.NewIterator(o)
-		for it.Rewind(); it.Valid(); it.Next() {
-			p := splitKey(it.Item().Key())
-			if len(p) == 3 && slices.ContainsFunc(s.opt.Pins, func(pin Pin) bool { return pin.Tag == "" && pin.matchRepo(p[0], p[1]) }) {
-				out[digest.Digest(p[2])] = true
+		return each(txn, keyAll(prefixLink), nil, false, func(item *badger.Item) error {
+			ns, repo, d, ok := parseLinkKey(item.Key())
+			if ok && slices.ContainsFunc(s.opt.Pins, func(p Pin) bool { return p.Tag == "" && p.matchRepo(ns, repo) }) {
+				out[d] = true
 			}
-		}
-		return nil
+			return nil
+		})
 	})
 	if err != nil {
 		return nil, err
@@ -97,7 +82,7 @@ func (s *Store) pinned() (map[digest.Digest]bool, error) {
 	return out, nil
 }
 
-// closeOver adds roots and everything they reference (through stored
+// closeOver adds roots and everything they hold (through stored
 // manifests, recursively) to set.
 func (s *Store) closeOver(roots []digest.Digest, set map[digest.Digest]bool) {
 	seen := map[digest.Digest]bool{}
@@ -113,23 +98,26 @@ func (s *Store) closeOver(roots []digest.Digest, set map[digest.Digest]bool) {
 		if err != nil {
 			continue
 		}
-		refs, err := ManifestReferences(m.Bytes)
+		held, _, err := References(m.Bytes)
 		if err != nil {
 			continue
 		}
-		roots = append(roots, refs...)
+		for _, h := range held {
+			roots = append(roots, h.Digest)
+		}
 	}
 }
 
-// candidate is a blob eviction may remove.
+// candidate is a blob or manifest eviction may remove.
 type candidate struct {
 	d    digest.Digest
+	k    kind
 	size int64
-	at   int64 // last access, unix nanos
+	at   int64 // last use when planned, unix nanos
 }
 
-// newestFirst is a max-heap by access time: its top is the candidate to
-// give up first when the set already frees enough.
+// newestFirst is a max-heap by last use: its top is the candidate to give
+// up first when the set already frees enough.
 type newestFirst []candidate
 
 func (h newestFirst) Len() int           { return len(h) }
@@ -143,10 +131,23 @@ func (h *newestFirst) Pop() any {
 	return c
 }
 
-// planEviction picks the least recently used evictable blobs whose sizes
-// add up to at least need: pulled, not pinned, not open by a reader. It
-// scans the index once, merging 'b' and 'a' keys (both in digest order),
-// and keeps only the chosen set in memory, oldest first.
+// eachWithAccess calls fn for every 'b' or 'm' key (k) with its digest,
+// item (value read in place) and access time in the index (0: none). Both
+// key ranges are in digest order, so one merge walks them.
+func eachWithAccess(txn *badger.Txn, k kind, fn func(d digest.Digest, item *badger.Item, access int64) error) error {
+	at := newCursor(txn, keyAll(prefixAccess))
+	defer at.close()
+	return each(txn, keyAll(byte(k)), nil, false, func(item *badger.Item) error {
+		var access int64
+		at.valueAt(item.Key()[1:], func(v []byte) { access, _ = decodeTime(v) })
+		return fn(digest.Digest(item.Key()[1:]), item, access)
+	})
+}
+
+// planEviction picks the least recently used evictable blobs and
+// manifests whose sizes add up to at least need: pulled, not pinned, not
+// open by a reader. It scans the index once per kind and keeps only the
+// chosen set in memory, oldest first.
 func (s *Store) planEviction(need int64) ([]candidate, error) {
 	if need <= 0 {
 		return nil, nil
@@ -161,52 +162,43 @@ func (s *Store) planEviction(need int64) ([]candidate, error) {
 	open := s.inUseSet()
 	var h newestFirst
 	var sum int64
-	err = s.db.View(func(txn *badger.Txn) error {
-		// Values are small and inline: read in place, no prefetching.
-		o := badger.DefaultIteratorOptions
-		o.Prefix = []byte{prefixBlob}
-		o.PrefetchValues = false
-		it := txn.NewIterator(o)
-		defer func() { it.Close() }()
-		ao := badger.DefaultIteratorOptions
-		ao.Prefix = []byte{prefixAccess}
-		ao.PrefetchValues = false
-		at := txn.NewIterator(ao)
-		defer at.Close()
-		at.Rewind()
-		for it.Rewind(); it.Valid(); it.Next() {
-			item := it.Item()
-			name := item.Key()[1:]
-			d := digest.Digest(name)
+	consider := func(c candidate) {
+		c.at = max(c.at, s.pendingAccess(c.d))
+		heap.Push(&h, c)
+		sum += c.size
+		for h.Len() > 0 && sum-h[0].size >= need {
+			sum -= heap.Pop(&h).(candidate).size
+		}
+	}
+	err = s.ix.view(func(txn *badger.Txn) error {
+		err := eachWithAccess(txn, kindBlob, func(d digest.Digest, item *badger.Item, access int64) error {
 			var info BlobInfo
-			if err := item.Value(func(v []byte) error {
+			if item.Value(func(v []byte) error {
 				var err error
 				info, err = decodeBlob(d, v)
 				return err
-			}); err != nil {
-				continue
+			}) != nil || info.Origin != OriginPulled || pins[d] || open[d] {
+				return nil
 			}
-			if info.Origin != OriginPulled || pins[d] || open[d] {
-				continue
-			}
-			for at.Valid() && bytes.Compare(at.Item().Key()[1:], name) < 0 {
-				at.Next()
-			}
-			var av []byte
-			if at.Valid() && bytes.Equal(at.Item().Key()[1:], name) {
-				av, _ = at.Item().ValueCopy(nil)
-			}
-			heap.Push(&h, candidate{d: digest.Digest(bytes.Clone(name)), size: info.Size, at: lastAccess(info.StoredAt.UnixNano(), av)})
-			sum += info.Size
-			for h.Len() > 0 && sum-h[0].size >= need {
-				sum -= heap.Pop(&h).(candidate).size
-			}
+			consider(candidate{d: d, k: kindBlob, size: info.Size, at: max(info.StoredAt.UnixNano(), access)})
+			return nil
+		})
+		if err != nil {
+			return err
 		}
-		return nil
+		return eachWithAccess(txn, kindManifest, func(d digest.Digest, item *badger.Item, access int64) error {
+			var origin Origin
+			if item.Value(func(v []byte) error {
+				var err error
+				origin, err = manifestOrigin(v)
+				return err
+			}) != nil || origin != OriginPulled || pins[d] {
+				return nil
+			}
+			consider(candidate{d: d, k: kindManifest, size: manifestValueSize(item.ValueSize()), at: access})
+			return nil
+		})
 	})
-	if errors.Is(err, badger.ErrDBClosed) {
-		return nil, ErrClosed
-	}
 	slices.SortFunc(h, func(a, b candidate) int {
 		switch {
 		case a.at < b.at:
@@ -221,39 +213,53 @@ func (s *Store) planEviction(need int64) ([]candidate, error) {
 
 // EvictReport says what an eviction pass did (or would do).
 type EvictReport struct {
-	Before int64         `json:"bytes_before"`
-	Target int64         `json:"target_bytes"`
-	Blobs  int           `json:"blobs"`
-	Bytes  int64         `json:"bytes"`
-	Dur    time.Duration `json:"duration_ns"`
+	Before    int64         `json:"bytes_before"`
+	Target    int64         `json:"target_bytes"`
+	Blobs     int           `json:"blobs"`
+	Manifests int           `json:"manifests"`
+	Bytes     int64         `json:"bytes"`
+	Dur       time.Duration `json:"duration_ns"`
 }
 
-// EvictToBudget runs an eviction pass if the blobs are past the high mark:
-// least recently used first, down to the low mark. Without a budget it does
-// nothing.
+// EvictToBudget runs an eviction pass if the blobs and manifests are past
+// the high mark: least recently used first, down to the low mark. Without
+// a budget it does nothing. A pass already running (the maintenance loop
+// starts one when a write passes the high mark) is waited for first, so
+// that the store is within its budget when EvictToBudget returns, as far
+// as evictable content allows.
 func (s *Store) EvictToBudget() (EvictReport, error) {
-	if s.opt.MaxSize <= 0 || s.life.size.Load() <= s.highMark() {
+	if s.opt.MaxSize <= 0 {
 		return EvictReport{}, nil
 	}
-	return s.Evict(s.lowMark(), false)
+	s.life.pass.Lock()
+	defer s.life.pass.Unlock()
+	if s.life.total() <= s.highMark() {
+		return EvictReport{}, nil
+	}
+	return s.evictLocked(s.lowMark(), false)
 }
 
-// Evict removes least recently used evictable blobs until the blobs take at
-// most target bytes (or nothing evictable is left). dryRun only reports
-// what it would remove.
+// Evict removes least recently used evictable blobs and manifests until
+// they take at most target bytes (or nothing evictable is left). dryRun
+// only reports what it would remove. Each removal asks the rule (see
+// live.go) inside the digest's lock: what became pushed, was opened or was
+// used since the plan stays.
 func (s *Store) Evict(target int64, dryRun bool) (EvictReport, error) {
 	s.life.pass.Lock()
 	defer s.life.pass.Unlock()
+	return s.evictLocked(target, dryRun)
+}
+
+func (s *Store) evictLocked(target int64, dryRun bool) (EvictReport, error) {
 	start := time.Now()
-	r := EvictReport{Before: s.life.size.Load(), Target: target}
+	r := EvictReport{Before: s.life.total(), Target: target}
 	plan, err := s.planEviction(r.Before - target)
 	if err != nil {
 		return r, err
 	}
 	for _, c := range plan {
 		if dryRun {
-			r.Blobs++
-			r.Bytes += c.size
+			r.note(removed{kind: c.k, bytes: c.size})
 			continue
 		}
 		select {
@@ -261,40 +267,41 @@ func (s *Store) Evict(target int64, dryRun bool) (EvictReport, error) {
 			return r, ErrClosed
 		default:
 		}
-		freed, ok, err := s.evictOne(c.d)
+		rm, err := s.collect(c.d, c.k, func(txn *badger.Txn, origin Origin, stored int64) (string, error) {
+			return s.keepForEviction(txn, c.d, c.k, origin, stored, c.at)
+		}, false)
 		if err != nil {
 			return r, err
 		}
-		if ok {
-			r.Blobs++
-			r.Bytes += freed
+		if rm.kind != 0 {
+			r.note(rm)
 		}
 	}
 	r.Dur = time.Since(start)
-	if r.Blobs > 0 && !dryRun {
+	if r.Blobs+r.Manifests > 0 && !dryRun {
 		s.life.evicted.Add(int64(r.Blobs))
+		s.life.evictedManifests.Add(int64(r.Manifests))
 		s.life.evictedBytes.Add(r.Bytes)
-		s.log.Info("evicted", "blobs", r.Blobs, "bytes", r.Bytes, "dur", r.Dur, "size", s.life.size.Load(), "target", target)
+		s.log.Info("evicted", "blobs", r.Blobs, "manifests", r.Manifests, "bytes", r.Bytes, "dur", r.Dur,
+			"size", s.life.total(), "target", target)
 	}
 	return r, nil
 }
 
-// evictOne removes pulled blob d unless it became pushed or a reader opened
-// it since the plan was made.
-func (s *Store) evictOne(d digest.Digest) (int64, bool, error) {
-	unlock := s.locks.Lock(string(d))
-	defer unlock()
-	if s.inUse(d) {
-		return 0, false, nil
+func (r *EvictReport) note(rm removed) {
+	if rm.kind == kindBlob {
+		r.Blobs++
+	} else {
+		r.Manifests++
 	}
-	return s.deleteBlobLocked(d, func(info BlobInfo) bool { return info.Origin != OriginPulled })
+	r.Bytes += rm.bytes
 }
 
 // EvictPlan reports what the next eviction pass would do, removing
-// nothing: nothing while the blobs are under the high mark.
+// nothing: nothing while the store is under the high mark.
 func (s *Store) EvictPlan() (EvictReport, error) {
-	if s.opt.MaxSize <= 0 || s.life.size.Load() <= s.highMark() {
-		return EvictReport{Before: s.life.size.Load(), Target: s.lowMark()}, nil
+	if s.opt.MaxSize <= 0 || s.life.total() <= s.highMark() {
+		return EvictReport{Before: s.life.total(), Target: s.lowMark()}, nil
 	}
 	return s.Evict(s.lowMark(), true)
 }

@@ -61,12 +61,16 @@ func (h *hotManifests) wrote(m Manifest) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.gen++
-	delete(h.prev, m.Digest)
-	if old, ok := h.cur[m.Digest]; ok {
-		h.curBytes -= len(old.Bytes)
-		delete(h.cur, m.Digest)
-	}
+	h.dropLocked(m.Digest)
 	h.addLocked(m)
+}
+
+func (h *hotManifests) dropLocked(d digest.Digest) {
+	delete(h.prev, d)
+	if old, ok := h.cur[d]; ok {
+		h.curBytes -= len(old.Bytes)
+		delete(h.cur, d)
+	}
 }
 
 func (h *hotManifests) addLocked(m Manifest) {
@@ -84,4 +88,12 @@ func (h *hotManifests) addLocked(m Manifest) {
 		h.cur[m.Digest] = m
 		h.curBytes += len(m.Bytes)
 	}
+}
+
+// forget drops d, removed from the index.
+func (h *hotManifests) forget(d digest.Digest) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	h.gen++
+	h.dropLocked(d)
 }

@@ -17,7 +17,7 @@ func hotTestManifest(i int, origin Origin) Manifest {
 func TestHotManifestsServeWhatTheIndexHolds(t *testing.T) {
 	s, _ := newStore(t)
 	m := hotTestManifest(1, OriginPulled)
-	if err := s.PutManifest(m); err != nil {
+	if err := s.PutManifest(ManifestPut{Manifest: m}); err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 2; i++ {
@@ -31,7 +31,7 @@ func TestHotManifestsServeWhatTheIndexHolds(t *testing.T) {
 	}
 	// A push of the same manifest makes it pushed, in memory too.
 	m.Origin = OriginPushed
-	if err := s.PutManifest(m); err != nil {
+	if err := s.PutManifest(ManifestPut{Manifest: m}); err != nil {
 		t.Fatal(err)
 	}
 	if got, _ := s.GetManifest(m.Digest); got.Origin != OriginPushed {
@@ -61,7 +61,7 @@ func TestHotManifestsStayWithinBudget(t *testing.T) {
 	var ms []Manifest
 	for i := 0; i < 100; i++ {
 		m := hotTestManifest(i, OriginPulled)
-		if err := s.PutManifest(m); err != nil {
+		if err := s.PutManifest(ManifestPut{Manifest: m}); err != nil {
 			t.Fatal(err)
 		}
 		ms = append(ms, m)
@@ -90,7 +90,7 @@ func TestHotManifestsConcurrent(t *testing.T) {
 	var ms []Manifest
 	for i := 0; i < 32; i++ {
 		m := hotTestManifest(i, OriginPulled)
-		if err := s.PutManifest(m); err != nil {
+		if err := s.PutManifest(ManifestPut{Manifest: m}); err != nil {
 			t.Fatal(err)
 		}
 		ms = append(ms, m)
@@ -104,7 +104,7 @@ func TestHotManifestsConcurrent(t *testing.T) {
 				m := ms[(i*7+w)%len(ms)]
 				if w%4 == 0 {
 					m.Origin = OriginPushed
-					if err := s.PutManifest(m); err != nil {
+					if err := s.PutManifest(ManifestPut{Manifest: m}); err != nil {
 						t.Error(err)
 						return
 					}
@@ -123,7 +123,7 @@ func TestHotManifestsConcurrent(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		v, _ := s.get(keyManifest(m.Digest))
+		v, _ := s.ix.get(keyManifest(m.Digest))
 		fromIndex, _ := decodeManifest(m.Digest, v)
 		if got.Origin != fromIndex.Origin {
 			t.Errorf("%s: memory says %v, the index %v", m.Digest, got.Origin, fromIndex.Origin)

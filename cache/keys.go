@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
+	"strings"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -11,20 +13,30 @@ import (
 
 // The badger index. Every key starts with a one-byte prefix; parts that may
 // contain ':' or '/' (hosts, repository names) are separated by a zero byte,
-// which neither may contain. Integers are big-endian. Only the keyXxx
-// functions below build keys.
+// which none of them may contain. Integers are big-endian. Only the keyXxx
+// functions below build keys, and each value's decoder sits beside its
+// encoder.
 //
-//	'b' digest                       -> blobValue     (size, origin, stored at)
-//	'm' digest                       -> manifestValue (media type, raw bytes)
-//	't' ns 0x00 repo 0x00 tag        -> tagValue      (digest, FetchedAt)
-//	'l' ns 0x00 repo 0x00 digest     -> empty         (repo references digest)
-//	'u' upload id                    -> upload state, with a badger TTL (push)
-//	'n' repo                         -> created at, unix nanos (a local repository exists)
+//	'b' digest                                -> blobValue     (size, origin, stored at)
+//	'm' digest                                -> manifestValue (origin, media type, raw bytes)
+//	't' ns 0x00 repo 0x00 tag                 -> tagValue      (FetchedAt, digest)
+//	'l' ns 0x00 repo 0x00 digest              -> empty         (repo references digest)
+//	'u' upload id                             -> uploadValue, with a badger TTL (push)
+//	'n' repo                                  -> created at, unix nanos (a local repository exists)
 //	'r' ns 0x00 repo 0x00 subject 0x00 digest -> descriptor JSON (digest refers to subject)
-//	'a' digest                       -> last access, unix nanoseconds (batched)
+//	'a' digest                                -> last use, unix nanos (batched, see Touch)
+//	'R' digest 0x00 'h' 0x00 manifest         -> empty: manifest holds digest (config, layer, child)
+//	'R' digest 0x00 'l' 0x00 ns 0x00 repo     -> empty: the mirror of an 'l' key
+//	'R' digest 0x00 't' 0x00 ns 0x00 repo 0x00 tag -> empty: the mirror of a 't' key
+//	'v'                                       -> index format version (1 byte)
 //
 // ns is the upstream a repository is proxied from (its host, e.g.
 // "registry-1.docker.io"), or "" for a local repository that was pushed to.
+//
+// The 'R' keys answer "what refers to this digest" with one prefix scan:
+// GC and eviction ask it, under the digest's lock, at the moment they act
+// (see live.go). They are written and deleted in the same transaction as
+// the 'm', 'l' and 't' keys they mirror.
 //
 // Blob bytes are not in badger. They live in files (see blobPath):
 //
@@ -40,10 +52,24 @@ const (
 	prefixRepo     = 'n'
 	prefixReferrer = 'r'
 	prefixAccess   = 'a'
+	prefixRef      = 'R'
+	prefixVersion  = 'v'
 )
+
+// What an 'R' key says refers to its digest.
+const (
+	refHolder = 'h'
+	refLink   = 'l'
+	refTag    = 't'
+)
+
+// indexVersion 2 added the 'R' keys; an index without them is migrated
+// when it is opened.
+const indexVersion = 2
 
 func keyBlob(d digest.Digest) []byte     { return join(prefixBlob, string(d)) }
 func keyManifest(d digest.Digest) []byte { return join(prefixManifest, string(d)) }
+func keyAccess(d digest.Digest) []byte   { return join(prefixAccess, string(d)) }
 func keyTag(ns, repo, tag string) []byte { return join(prefixTag, ns, repo, tag) }
 func keyTagPrefix(ns, repo string) []byte {
 	return append(join(prefixTag, ns, repo), 0)
@@ -51,18 +77,34 @@ func keyTagPrefix(ns, repo string) []byte {
 func keyLink(ns, repo string, d digest.Digest) []byte {
 	return join(prefixLink, ns, repo, string(d))
 }
-func keyUpload(id string) []byte { return join(prefixUpload, id) }
-func keyUploadPrefix() []byte    { return []byte{prefixUpload} }
-func keyRepo(name string) []byte { return join(prefixRepo, name) }
-func keyRepoPrefix() []byte      { return []byte{prefixRepo} }
+func keyLinkPrefix(ns, repo string) []byte { return append(join(prefixLink, ns, repo), 0) }
+func keyUpload(id string) []byte           { return join(prefixUpload, id) }
+func keyRepo(name string) []byte           { return join(prefixRepo, name) }
 func keyReferrer(ns, repo string, subject, d digest.Digest) []byte {
 	return join(prefixReferrer, ns, repo, string(subject), string(d))
 }
 func keyReferrerPrefix(ns, repo string, subject digest.Digest) []byte {
 	return append(join(prefixReferrer, ns, repo, string(subject)), 0)
 }
-func keyLinkPrefix(ns, repo string) []byte { return append(join(prefixLink, ns, repo), 0) }
-func keyAccess(d digest.Digest) []byte     { return join(prefixAccess, string(d)) }
+func keyVersion() []byte { return []byte{prefixVersion} }
+
+// keyBlobsOf is the prefix of the 'b' keys of one digest algorithm.
+func keyBlobsOf(alg digest.Algorithm) []byte { return join(prefixBlob, string(alg)+":") }
+
+// keyAll is the prefix of every key of one kind.
+func keyAll(prefix byte) []byte { return []byte{prefix} }
+
+// keyRefsOf is the prefix of every 'R' key of d.
+func keyRefsOf(d digest.Digest) []byte { return append(join(prefixRef, string(d)), 0) }
+func keyHolder(d, manifest digest.Digest) []byte {
+	return join(prefixRef, string(d), string(refHolder), string(manifest))
+}
+func keyLinkRef(ns, repo string, d digest.Digest) []byte {
+	return join(prefixRef, string(d), string(refLink), ns, repo)
+}
+func keyTagRef(ns, repo, tag string, d digest.Digest) []byte {
+	return join(prefixRef, string(d), string(refTag), ns, repo, tag)
+}
 
 func join(prefix byte, parts ...string) []byte {
 	n := 1
@@ -78,6 +120,70 @@ func join(prefix byte, parts ...string) []byte {
 		k = append(k, p...)
 	}
 	return k
+}
+
+// splitKey splits a key's parts after its prefix byte.
+func splitKey(k []byte) []string {
+	return strings.Split(string(k[1:]), "\x00")
+}
+
+// digestKey is the digest of a 'b', 'm' or 'a' key.
+func digestKey(k []byte) digest.Digest { return digest.Digest(k[1:]) }
+
+// parseTagKey splits a 't' key.
+func parseTagKey(k []byte) (ns, repo, tag string, ok bool) {
+	p := splitKey(k)
+	if len(p) != 3 {
+		return "", "", "", false
+	}
+	return p[0], p[1], p[2], true
+}
+
+// parseLinkKey splits an 'l' key.
+func parseLinkKey(k []byte) (ns, repo string, d digest.Digest, ok bool) {
+	p := splitKey(k)
+	if len(p) != 3 {
+		return "", "", "", false
+	}
+	return p[0], p[1], digest.Digest(p[2]), true
+}
+
+// ref is one 'R' key: something that refers to a digest.
+type ref struct {
+	kind          byte          // refHolder, refLink or refTag
+	holder        digest.Digest // refHolder: the manifest
+	ns, repo, tag string        // refLink, refTag
+}
+
+// key is the 'R' key of r, which refers to d.
+func (r ref) key(d digest.Digest) []byte {
+	switch r.kind {
+	case refHolder:
+		return keyHolder(d, r.holder)
+	case refLink:
+		return keyLinkRef(r.ns, r.repo, d)
+	}
+	return keyTagRef(r.ns, r.repo, r.tag, d)
+}
+
+// parseRefKey splits an 'R' key.
+func parseRefKey(k []byte) (d digest.Digest, r ref, ok bool) {
+	p := splitKey(k)
+	if len(p) < 3 || len(p[1]) != 1 {
+		return "", ref{}, false
+	}
+	d, r.kind = digest.Digest(p[0]), p[1][0]
+	switch {
+	case r.kind == refHolder && len(p) == 3:
+		r.holder = digest.Digest(p[2])
+	case r.kind == refLink && len(p) == 4:
+		r.ns, r.repo = p[2], p[3]
+	case r.kind == refTag && len(p) == 5:
+		r.ns, r.repo, r.tag = p[2], p[3], p[4]
+	default:
+		return "", ref{}, false
+	}
+	return d, r, true
 }
 
 // Origin says where a blob or manifest came from. Pushed content is pinned:
@@ -96,7 +202,11 @@ func (o Origin) String() string {
 	return "pulled"
 }
 
-var errCorruptValue = errors.New("cache: corrupt index value")
+var (
+	errCorruptValue = errors.New("cache: corrupt index value")
+	// errUnencodable is a value too big for its length field.
+	errUnencodable = errors.New("cache: value cannot be encoded")
+)
 
 // blobValue: size (8) | origin (1) | stored at, unix nanos (8).
 func encodeBlob(b BlobInfo) []byte {
@@ -120,12 +230,17 @@ func decodeBlob(d digest.Digest, v []byte) (BlobInfo, error) {
 }
 
 // manifestValue: origin (1) | media type length (2) | media type | raw bytes.
-func encodeManifest(m Manifest) []byte {
+// A media type is at most MaxMediaTypeLength bytes (checked where it
+// enters); the encoder refuses what its length field cannot hold.
+func encodeManifest(m Manifest) ([]byte, error) {
+	if len(m.MediaType) > 0xffff {
+		return nil, fmt.Errorf("%w: a media type of %d bytes", errUnencodable, len(m.MediaType))
+	}
 	v := make([]byte, 0, 3+len(m.MediaType)+len(m.Bytes))
 	v = append(v, byte(m.Origin))
 	v = binary.BigEndian.AppendUint16(v, uint16(len(m.MediaType)))
 	v = append(v, m.MediaType...)
-	return append(v, m.Bytes...)
+	return append(v, m.Bytes...), nil
 }
 
 func decodeManifest(d digest.Digest, v []byte) (Manifest, error) {
@@ -144,6 +259,19 @@ func decodeManifest(d digest.Digest, v []byte) (Manifest, error) {
 	}, nil
 }
 
+// manifestOrigin reads only the origin of a manifestValue.
+func manifestOrigin(v []byte) (Origin, error) {
+	if len(v) < 3 {
+		return 0, errCorruptValue
+	}
+	return Origin(v[0]), nil
+}
+
+// manifestValueSize is the byte count of the manifest a value of n bytes
+// holds, near enough for the running totals (badger reports sizes of
+// values in its value log approximately).
+func manifestValueSize(n int64) int64 { return max(n-3, 0) }
+
 // tagValue: FetchedAt, unix nanos (8) | digest.
 func encodeTag(t Tag) []byte {
 	v := make([]byte, 8, 8+len(t.Digest))
@@ -159,4 +287,53 @@ func decodeTag(v []byte) (Tag, error) {
 		FetchedAt: time.Unix(0, int64(binary.BigEndian.Uint64(v[:8]))),
 		Digest:    digest.Digest(v[8:]),
 	}, nil
+}
+
+// accessValue and repoValue: unix nanos (8).
+func encodeTime(t int64) []byte { return binary.BigEndian.AppendUint64(nil, uint64(t)) }
+
+func decodeTime(v []byte) (int64, bool) {
+	if len(v) != 8 {
+		return 0, false
+	}
+	return int64(binary.BigEndian.Uint64(v)), true
+}
+
+// uploadValue: size (8) | started, unix nanos (8) | repo length (2) | repo |
+// temp length (1) | temp | sha256 state.
+func encodeUpload(u uploadState) ([]byte, error) {
+	if len(u.Repo) > 0xffff || len(u.temp) > 0xff {
+		return nil, fmt.Errorf("%w: an upload of a %d-byte repository name", errUnencodable, len(u.Repo))
+	}
+	v := make([]byte, 0, 19+len(u.Repo)+len(u.temp)+len(u.hash))
+	v = binary.BigEndian.AppendUint64(v, uint64(u.Size))
+	v = binary.BigEndian.AppendUint64(v, uint64(u.StartedAt.UnixNano()))
+	v = binary.BigEndian.AppendUint16(v, uint16(len(u.Repo)))
+	v = append(v, u.Repo...)
+	v = append(v, byte(len(u.temp)))
+	v = append(v, u.temp...)
+	return append(v, u.hash...), nil
+}
+
+func decodeUpload(id string, v []byte) (uploadState, error) {
+	if len(v) < 19 {
+		return uploadState{}, errCorruptValue
+	}
+	u := uploadState{Upload: Upload{
+		ID:        id,
+		Size:      int64(binary.BigEndian.Uint64(v[0:8])),
+		StartedAt: time.Unix(0, int64(binary.BigEndian.Uint64(v[8:16]))),
+	}}
+	n := int(binary.BigEndian.Uint16(v[16:18]))
+	v = v[18:]
+	if len(v) < n+1 {
+		return uploadState{}, errCorruptValue
+	}
+	u.Repo, v = string(v[:n]), v[n:]
+	n, v = int(v[0]), v[1:]
+	if len(v) < n {
+		return uploadState{}, errCorruptValue
+	}
+	u.temp, u.hash = string(v[:n]), append([]byte(nil), v[n:]...)
+	return u, nil
 }

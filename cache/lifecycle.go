@@ -1,10 +1,8 @@
 package cache
 
 import (
-	"encoding/binary"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"sync"
 	"sync/atomic"
@@ -15,24 +13,32 @@ import (
 	"github.com/opencontainers/go-digest"
 )
 
-// The cache lifecycle: a running total of blob bytes, access times batched
-// in memory and flushed to 'a' keys, the files readers hold open, and the
-// maintenance loop that flushes, evicts and collects garbage.
+// The cache lifecycle: running totals of blob and manifest bytes, access
+// times batched in memory and flushed to 'a' keys, the files readers hold
+// open, and the maintenance loop that flushes, evicts and collects
+// garbage.
 
 // lifecycle is the Store's bookkeeping for eviction and stats.
 type lifecycle struct {
-	size  atomic.Int64 // bytes of indexed blobs
-	count atomic.Int64 // indexed blobs
+	size       atomic.Int64 // bytes of indexed blobs
+	count      atomic.Int64 // indexed blobs
+	mSize      atomic.Int64 // bytes of stored manifests
+	mCount     atomic.Int64 // stored manifests
+	onGrowth   func()       // called when the totals grew
+	budgetHigh int64        // the high mark; 0: no budget
 
-	hits         atomic.Int64 // blobs opened to be served, since Open
-	misses       atomic.Int64 // pulled blobs stored by a fill, since Open
-	evicted      atomic.Int64 // blobs evicted since Open
-	evictedBytes atomic.Int64
+	hits             atomic.Int64 // blobs opened to be served, since Open
+	misses           atomic.Int64 // pulled blobs stored by a fill, since Open
+	evicted          atomic.Int64 // blobs evicted since Open
+	evictedManifests atomic.Int64 // manifests evicted since Open
+	evictedBytes     atomic.Int64
 
-	mu      sync.Mutex
-	pending map[digest.Digest]int64      // access times not yet in badger
-	readers map[digest.Digest][]*os.File // files OpenBlob and Follow handed out
-	opens   int                          // since the last prune of readers
+	mu       sync.Mutex
+	pending  map[digest.Digest]int64      // access times not yet in badger
+	flushing map[digest.Digest]int64      // access times a flush is writing now
+	readers  map[digest.Digest][]*os.File // files OpenBlob and Follow handed out
+	opens    int                          // since the last prune of readers
+	flushMu  sync.Mutex                   // one flush of access times at a time
 
 	// fullUntil (unix nanos): after a write found the disk full, new
 	// writers fail fast with ErrNoSpace, before a client got any header,
@@ -49,15 +55,49 @@ func (l *lifecycle) init() {
 	l.kick = make(chan struct{}, 1)
 }
 
+// total is what counts against the budget: blobs and manifests.
+func (l *lifecycle) total() int64 { return l.size.Load() + l.mSize.Load() }
+
+func (l *lifecycle) addBlob(n int64) {
+	l.size.Add(n)
+	l.count.Add(1)
+	l.grew()
+}
+
+func (l *lifecycle) subBlob(n int64) {
+	l.size.Add(-n)
+	l.count.Add(-1)
+}
+
+func (l *lifecycle) addManifest(n int64) {
+	l.mSize.Add(n)
+	l.mCount.Add(1)
+	l.grew()
+}
+
+func (l *lifecycle) subManifest(n int64) {
+	l.mSize.Add(-n)
+	l.mCount.Add(-1)
+}
+
+func (l *lifecycle) grew() {
+	if l.budgetHigh > 0 && l.total() > l.budgetHigh && l.onGrowth != nil {
+		l.onGrowth()
+	}
+}
+
 // maxPending bounds the access times kept in memory between flushes.
 const maxPending = 64 << 10
 
 // Touch records that d (a blob or manifest) was just used. It is cheap: a
-// map write; the times reach badger in batches.
+// map write; the times reach badger in batches, and until then GC and
+// eviction read them from memory.
 func (s *Store) Touch(d digest.Digest) {
 	now := s.now().UnixNano()
 	s.life.mu.Lock()
-	s.life.pending[d] = now
+	if now > s.life.pending[d] {
+		s.life.pending[d] = now
+	}
 	full := len(s.life.pending) >= maxPending
 	s.life.mu.Unlock()
 	if full {
@@ -65,8 +105,24 @@ func (s *Store) Touch(d digest.Digest) {
 	}
 }
 
-// flushAccess writes the pending access times to badger.
+// pendingAccess is d's access time not yet in badger (0: none).
+func (s *Store) pendingAccess(d digest.Digest) int64 {
+	s.life.mu.Lock()
+	defer s.life.mu.Unlock()
+	return max(s.life.pending[d], s.life.flushing[d])
+}
+
+// flushHook, if set, runs in flushAccess between taking the pending
+// times and writing them: tests hold a flush there.
+var flushHook func()
+
+// flushAccess writes the pending access times to badger. One flush runs
+// at a time, and until its batch is written the times it took stay
+// visible to pendingAccess: a pass that flushes first, then scans, sees
+// every use that came before it.
 func (s *Store) flushAccess() error {
+	s.life.flushMu.Lock()
+	defer s.life.flushMu.Unlock()
 	s.life.mu.Lock()
 	p := s.life.pending
 	if len(p) == 0 {
@@ -74,30 +130,32 @@ func (s *Store) flushAccess() error {
 		return nil
 	}
 	s.life.pending = make(map[digest.Digest]int64, len(p))
+	s.life.flushing = p
 	s.life.mu.Unlock()
-	wb := s.db.NewWriteBatch()
-	defer wb.Cancel()
-	for d, t := range p {
-		if err := wb.Set(keyAccess(d), binary.BigEndian.AppendUint64(nil, uint64(t))); err != nil {
-			return err
+	defer func() {
+		s.life.mu.Lock()
+		s.life.flushing = nil
+		s.life.mu.Unlock()
+	}()
+	if flushHook != nil {
+		flushHook()
+	}
+	return s.ix.batch(func(wb *badger.WriteBatch) error {
+		for d, t := range p {
+			if err := wb.Set(keyAccess(d), encodeTime(t)); err != nil {
+				return err
+			}
 		}
-	}
-	err := wb.Flush()
-	if errors.Is(err, badger.ErrDBClosed) {
-		return ErrClosed
-	}
-	return err
+		return nil
+	})
 }
 
-// lastAccess is d's last use: the pending time if there is one, else v
-// (an 'a' value, may be nil), else when it was stored.
-func lastAccess(stored int64, v []byte) int64 {
-	if len(v) == 8 {
-		if t := int64(binary.BigEndian.Uint64(v)); t > stored {
-			return t
-		}
-	}
-	return stored
+// renew records a use of d that must outlast a crash (a push of a blob
+// that was already stored, a mount): in txn, and in memory, so that a
+// flush of an older time cannot hide it.
+func (s *Store) renew(txn *badger.Txn, d digest.Digest) error {
+	s.Touch(d)
+	return txn.Set(keyAccess(d), encodeTime(s.now().UnixNano()))
 }
 
 // trackReader records that f holds blob d open, so eviction leaves d alone
@@ -163,20 +221,6 @@ func isOpen(f *os.File) bool {
 	return rc.Control(func(uintptr) {}) == nil
 }
 
-// addSize and subSize keep the running totals.
-func (s *Store) addSize(n int64) {
-	s.life.size.Add(n)
-	s.life.count.Add(1)
-	if s.opt.MaxSize > 0 && s.life.size.Load() > s.highMark() {
-		s.kickMaintenance()
-	}
-}
-
-func (s *Store) subSize(n int64) {
-	s.life.size.Add(-n)
-	s.life.count.Add(-1)
-}
-
 func (s *Store) highMark() int64 { return int64(float64(s.opt.MaxSize) * s.opt.HighWatermark) }
 func (s *Store) lowMark() int64  { return int64(float64(s.opt.MaxSize) * s.opt.LowWatermark) }
 
@@ -221,42 +265,6 @@ func (s *Store) maintain() {
 	}
 }
 
-// deleteBlob removes blob d (index entry, access time, file) if it is still
-// indexed and keep does not object; the caller holds d's lock. It reports
-// the bytes freed.
-func (s *Store) deleteBlobLocked(d digest.Digest, keep func(BlobInfo) bool) (int64, bool, error) {
-	info, err := s.StatBlob(d)
-	if errors.Is(err, ErrNotFound) {
-		return 0, false, nil
-	}
-	if err != nil {
-		return 0, false, err
-	}
-	if keep != nil && keep(info) {
-		return 0, false, nil
-	}
-	err = s.db.Update(func(txn *badger.Txn) error {
-		if err := txn.Delete(keyBlob(d)); err != nil {
-			return err
-		}
-		return txn.Delete(keyAccess(d))
-	})
-	if errors.Is(err, badger.ErrDBClosed) {
-		return 0, false, ErrClosed
-	}
-	if err != nil {
-		return 0, false, err
-	}
-	s.subSize(info.Size)
-	s.life.fullUntil.Store(0)
-	// The index no longer names the file, so a crash from here on leaves
-	// an orphan that recovery adopts or removes: never a wrong blob.
-	if err := os.Remove(s.blobPath(d)); err != nil && !errors.Is(err, fs.ErrNotExist) {
-		s.log.Warn("remove blob file", "digest", d, "err", err)
-	}
-	return info.Size, true, nil
-}
-
 // writeErr marks a write error: a full disk becomes ErrNoSpace and asks for
 // an eviction pass.
 func (s *Store) writeErr(op string, err error) error {
@@ -282,27 +290,34 @@ func (s *Store) checkRoom() error {
 
 // Stats is a snapshot of the store.
 type Stats struct {
-	Blobs         int64   `json:"blobs"`
-	Bytes         int64   `json:"bytes"`
-	MaxSize       int64   `json:"max_size,omitempty"`
-	HighWatermark int64   `json:"high_watermark_bytes,omitempty"`
-	LowWatermark  int64   `json:"low_watermark_bytes,omitempty"`
-	Hits          int64   `json:"blob_hits"`      // blobs served from disk
-	Misses        int64   `json:"blob_misses"`    // blobs a fill had to store
-	HitRatio      float64 `json:"blob_hit_ratio"` // hits / (hits + misses)
-	Evicted       int64   `json:"evicted_blobs"`
-	EvictedBytes  int64   `json:"evicted_bytes"`
-	OpenReaders   int     `json:"open_readers"`
+	Blobs            int64   `json:"blobs"`
+	Bytes            int64   `json:"bytes"` // what counts against the budget: blobs and manifests
+	BlobBytes        int64   `json:"blob_bytes"`
+	Manifests        int64   `json:"manifests"`
+	ManifestBytes    int64   `json:"manifest_bytes"`
+	MaxSize          int64   `json:"max_size,omitempty"`
+	HighWatermark    int64   `json:"high_watermark_bytes,omitempty"`
+	LowWatermark     int64   `json:"low_watermark_bytes,omitempty"`
+	Hits             int64   `json:"blob_hits"`      // blobs served from disk
+	Misses           int64   `json:"blob_misses"`    // blobs a fill had to store
+	HitRatio         float64 `json:"blob_hit_ratio"` // hits / (hits + misses)
+	Evicted          int64   `json:"evicted_blobs"`
+	EvictedManifests int64   `json:"evicted_manifests"`
+	EvictedBytes     int64   `json:"evicted_bytes"` // of both
+	OpenReaders      int     `json:"open_readers"`
 }
 
 // Stats returns the running totals; it reads no index.
 func (s *Store) Stats() Stats {
 	st := Stats{
-		Blobs: s.life.count.Load(), Bytes: s.life.size.Load(),
+		Blobs: s.life.count.Load(), BlobBytes: s.life.size.Load(),
+		Manifests: s.life.mCount.Load(), ManifestBytes: s.life.mSize.Load(),
 		Hits: s.life.hits.Load(), Misses: s.life.misses.Load(),
-		Evicted: s.life.evicted.Load(), EvictedBytes: s.life.evictedBytes.Load(),
-		OpenReaders: len(s.inUseSet()),
+		Evicted: s.life.evicted.Load(), EvictedManifests: s.life.evictedManifests.Load(),
+		EvictedBytes: s.life.evictedBytes.Load(),
+		OpenReaders:  len(s.inUseSet()),
 	}
+	st.Bytes = st.BlobBytes + st.ManifestBytes
 	if s.opt.MaxSize > 0 {
 		st.MaxSize, st.HighWatermark, st.LowWatermark = s.opt.MaxSize, s.highMark(), s.lowMark()
 	}

@@ -36,7 +36,7 @@ func benchDigest(i int) digest.Digest {
 // fillIndex writes n pulled blob entries (1 MiB each, stored an hour
 // apart in a random order) and an access time for every other one.
 func fillIndex(b *testing.B, s *Store, n int) {
-	wb := s.db.NewWriteBatch()
+	wb := s.ix.db.NewWriteBatch()
 	base := time.Unix(1_700_000_000, 0)
 	for i := range n {
 		d := benchDigest(i)

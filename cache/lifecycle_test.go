@@ -66,7 +66,8 @@ func has(s *Store, d digest.Digest) bool {
 // recently used blobs stay.
 func TestEvictionOrderAndBudget(t *testing.T) {
 	clk := &clock{now: time.Unix(1_700_000_000, 0)}
-	s := openLife(t, t.TempDir(), Options{Now: clk.Now, MaxSize: 10 * 1000, LowWatermark: 0.5, HighWatermark: 0.9,
+	// The low mark (5200) leaves room for the manifest, which counts too.
+	s := openLife(t, t.TempDir(), Options{Now: clk.Now, MaxSize: 10 * 1000, LowWatermark: 0.52, HighWatermark: 0.95,
 		Pins: []Pin{{NS: "up.example", Repo: "library/golang", Tag: "1.*"}}})
 
 	pushed := put(t, s, bytes.Repeat([]byte("P"), 1000), OriginPushed)
@@ -74,7 +75,7 @@ func TestEvictionOrderAndBudget(t *testing.T) {
 	layer := put(t, s, bytes.Repeat([]byte("L"), 1000), OriginPulled)
 	man := []byte(fmt.Sprintf(`{"schemaVersion":2,"layers":[{"digest":%q}]}`, layer))
 	md := digest.FromBytes(man)
-	if err := s.PutManifest(Manifest{Digest: md, Bytes: man, MediaType: "application/vnd.oci.image.manifest.v1+json", Origin: OriginPulled}); err != nil {
+	if err := s.PutManifest(ManifestPut{Manifest: Manifest{Digest: md, Bytes: man, MediaType: "application/vnd.oci.image.manifest.v1+json", Origin: OriginPulled}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.SetTag("up.example", "library/golang", "1.22", Tag{Digest: md, FetchedAt: clk.Now()}); err != nil {
@@ -93,10 +94,10 @@ func TestEvictionOrderAndBudget(t *testing.T) {
 		t.Fatal(err)
 	}
 	f.Close()
-	if st := s.Stats(); st.Bytes != 8000 || st.Blobs != 8 {
-		t.Fatalf("stats = %+v, want 8 blobs, 8000 bytes", st)
+	if st := s.Stats(); st.BlobBytes != 8000 || st.Blobs != 8 || st.Manifests != 1 || st.Bytes != 8000+int64(len(man)) {
+		t.Fatalf("stats = %+v, want 8 blobs, 8000 bytes, and the manifest", st)
 	}
-	// Past the high mark (9000): evicts down to the low mark (5000).
+	// Past the high mark (9500): evicts down to the low mark (5200).
 	clk.Add(time.Minute)
 	b, _ := blobOf(6, 1000)
 	pulled = append(pulled, put(t, s, b, OriginPulled))
@@ -106,15 +107,16 @@ func TestEvictionOrderAndBudget(t *testing.T) {
 	if _, err := s.EvictToBudget(); err != nil {
 		t.Fatal(err)
 	}
-	if got := s.Stats().Bytes; got > 5000 {
-		t.Fatalf("after eviction %d bytes, want <= 5000", got)
+	if got := s.Stats().Bytes; got > 5200 {
+		t.Fatalf("after eviction %d bytes, want <= 5200", got)
 	}
 	for _, d := range []digest.Digest{pushed, layer} {
 		if !has(s, d) {
 			t.Errorf("%s (pushed or pinned) was evicted", d)
 		}
 	}
-	// 10 blobs (10000 bytes) -> 5000: the 5 oldest pulled ones go: 1..5.
+	// 10 blobs and a manifest (10115 bytes) -> 5200: the 5 oldest pulled
+	// blobs go: 1..5.
 	for i, d := range pulled {
 		want := i == 0 || i >= 6
 		if has(s, d) != want {
@@ -232,7 +234,7 @@ func TestGC(t *testing.T) {
 	orphan := put(t, s, []byte("layer orphaned"), OriginPushed)
 	man := []byte(fmt.Sprintf(`{"schemaVersion":2,"layers":[{"digest":%q}]}`, kept))
 	md := digest.FromBytes(man)
-	if err := s.PutManifest(Manifest{Digest: md, Bytes: man, Origin: OriginPushed}); err != nil {
+	if err := s.PutManifest(ManifestPut{Manifest: Manifest{Digest: md, Bytes: man, Origin: OriginPushed}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.Link("", "app", md, kept, orphan); err != nil {
@@ -323,7 +325,7 @@ func TestVerifyCorruption(t *testing.T) {
 	os.Truncate(s.blobPath(short), 3)
 	os.Remove(s.blobPath(pushed))
 	junk := digest.FromString("an unreadable index entry")
-	if err := s.set(keyBlob(junk), []byte("x")); err != nil {
+	if err := s.ix.set(keyBlob(junk), []byte("x")); err != nil {
 		t.Fatal(err)
 	}
 

@@ -3,6 +3,9 @@ package cache
 import (
 	"bytes"
 	"errors"
+	"fmt"
+	"os"
+	"slices"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -26,9 +29,33 @@ type Tag struct {
 	FetchedAt time.Time
 }
 
-// PutManifest stores m, keyed by its digest (verified here). Storing the
-// same digest again is a no-op, except that pushed wins over pulled.
-func (s *Store) PutManifest(m Manifest) error {
+// ManifestPut is one manifest write with what comes along with it, done in
+// one transaction under the locks of the manifest (and, for a push, of
+// everything it holds).
+type ManifestPut struct {
+	// NS and Repo are the repository the manifest is put into: it is
+	// linked there. A pulled manifest links what it holds there too (the
+	// repository references them). Empty Repo: stored only.
+	NS, Repo string
+	Manifest Manifest
+	// Tags of NS/Repo to point at it.
+	Tags []string
+	// Local is a push into a local repository: every blob and child
+	// manifest the manifest holds must be held by NS/Repo already (pushed
+	// or mounted there, and still stored as pushed content), with the size
+	// the manifest gives (else ErrRefUnknown, ErrRefSize).
+	Local bool
+	// Referrer, for a manifest with a subject, is its descriptor as the
+	// referrers API lists it (JSON).
+	Referrer []byte
+}
+
+// PutManifest stores p.Manifest, keyed by its digest (verified here), with
+// its links, tags and referrer entry. Storing the same digest again keeps
+// the stored bytes, except that pushed wins over pulled. Either all of it
+// is written or none.
+func (s *Store) PutManifest(p ManifestPut) error {
+	m := p.Manifest
 	if err := m.Digest.Validate(); err != nil {
 		return err
 	}
@@ -38,19 +65,158 @@ func (s *Store) PutManifest(m Manifest) error {
 	if m.Digest.Algorithm().FromBytes(m.Bytes) != m.Digest {
 		return ErrDigestMismatch
 	}
-	unlock := s.locks.Lock(string(m.Digest))
-	defer unlock()
-	if old, err := s.GetManifest(m.Digest); err == nil {
-		if old.Origin == OriginPushed || m.Origin != OriginPushed {
-			return nil
-		}
-	}
-	if err := s.set(keyManifest(m.Digest), encodeManifest(m)); err != nil {
+	mt, err := MediaType(m.MediaType)
+	if err != nil {
 		return err
 	}
-	m.Bytes = bytes.Clone(m.Bytes) // the caller keeps its slice
-	s.hot.wrote(m)
+	m.MediaType = mt
+	held, subject, err := References(m.Bytes)
+	if err != nil {
+		return err
+	}
+	value, err := encodeManifest(m)
+	if err != nil {
+		return err
+	}
+	locked := []string{string(m.Digest)}
+	if p.Local {
+		for _, h := range held {
+			locked = append(locked, string(h.Digest))
+		}
+	}
+	defer s.lockAll(locked)()
+
+	now := s.now()
+	var added, wrote bool
+	err = s.ix.update(func(txn *badger.Txn) error {
+		added, wrote = false, false
+		if p.Local {
+			if err := s.checkHeld(txn, p.NS, p.Repo, held); err != nil {
+				return err
+			}
+		}
+		old, err := getIn(txn, keyManifest(m.Digest))
+		switch {
+		case errors.Is(err, ErrNotFound):
+			added, wrote = true, true
+		case err != nil:
+			return err
+		default:
+			o, err := manifestOrigin(old)
+			wrote = err != nil || (o != OriginPushed && m.Origin == OriginPushed)
+		}
+		if wrote {
+			if err := txn.Set(keyManifest(m.Digest), value); err != nil {
+				return err
+			}
+		}
+		if added {
+			if err := putHolds(txn, m.Digest, held); err != nil {
+				return err
+			}
+		}
+		if err := txn.Set(keyAccess(m.Digest), encodeTime(now.UnixNano())); err != nil {
+			return err
+		}
+		if p.Repo == "" {
+			return nil
+		}
+		if err := link(txn, p.NS, p.Repo, m.Digest); err != nil {
+			return err
+		}
+		if !p.Local {
+			for _, h := range held {
+				if err := link(txn, p.NS, p.Repo, h.Digest); err != nil {
+					return err
+				}
+			}
+		}
+		for _, tag := range p.Tags {
+			if err := setTag(txn, p.NS, p.Repo, tag, Tag{Digest: m.Digest, FetchedAt: now}); err != nil {
+				return err
+			}
+		}
+		if p.Referrer != nil && subject != "" {
+			return txn.Set(keyReferrer(p.NS, p.Repo, subject, m.Digest), p.Referrer)
+		}
+		return nil
+	})
+	if err != nil {
+		return err
+	}
+	s.Touch(m.Digest)
+	if added {
+		s.life.addManifest(int64(len(m.Bytes)))
+	}
+	if wrote {
+		m.Bytes = bytes.Clone(m.Bytes) // the caller keeps its slice
+		s.hot.wrote(m)
+	}
 	return nil
+}
+
+// checkHeld checks that local repository ns/repo holds everything in held:
+// each blob linked there and stored as pushed content (a stale link to a
+// blob GC removed and a pull brought back does not count), each child
+// manifest stored and linked there, with the sizes held gives.
+func (s *Store) checkHeld(txn *badger.Txn, ns, repo string, held []Ref) error {
+	for _, h := range held {
+		linked, err := hasIn(txn, keyLink(ns, repo, h.Digest))
+		if err != nil {
+			return err
+		}
+		if !linked {
+			return fmt.Errorf("%w: %s", ErrRefUnknown, h.Digest)
+		}
+		var size int64
+		if h.Manifest {
+			v, err := getIn(txn, keyManifest(h.Digest))
+			if errors.Is(err, ErrNotFound) {
+				return fmt.Errorf("%w: manifest %s", ErrRefUnknown, h.Digest)
+			}
+			if err != nil {
+				return err
+			}
+			m, err := decodeManifest(h.Digest, v)
+			if err != nil {
+				return err
+			}
+			size = int64(len(m.Bytes))
+		} else {
+			info, err := s.blobIn(txn, h.Digest)
+			if errors.Is(err, ErrNotFound) || (err == nil && info.Origin != OriginPushed) {
+				return fmt.Errorf("%w: blob %s", ErrRefUnknown, h.Digest)
+			}
+			if err != nil {
+				return err
+			}
+			if _, err := os.Stat(s.blobPath(h.Digest)); err != nil {
+				return fmt.Errorf("%w: blob %s: %v", ErrRefUnknown, h.Digest, err)
+			}
+			size = info.Size
+		}
+		if h.Size >= 0 && h.Size != size {
+			return fmt.Errorf("%w: %s has %d bytes, the manifest says %d", ErrRefSize, h.Digest, size, h.Size)
+		}
+	}
+	return nil
+}
+
+// lockAll locks several digests, in one order (sorted) so that two callers
+// never wait for each other, and returns the unlock function.
+func (s *Store) lockAll(keys []string) func() {
+	keys = slices.Clone(keys)
+	slices.Sort(keys)
+	keys = slices.Compact(keys)
+	unlocks := make([]func(), 0, len(keys))
+	for _, k := range keys {
+		unlocks = append(unlocks, s.locks.Lock(k))
+	}
+	return func() {
+		for i := len(unlocks) - 1; i >= 0; i-- {
+			unlocks[i]()
+		}
+	}
 }
 
 // GetManifest returns the manifest stored under d, or ErrNotFound. The
@@ -61,7 +227,7 @@ func (s *Store) GetManifest(d digest.Digest) (Manifest, error) {
 		return m, nil
 	}
 	gen := s.hot.generation()
-	v, err := s.get(keyManifest(d))
+	v, err := s.ix.get(keyManifest(d))
 	if err != nil {
 		return Manifest{}, err
 	}
@@ -74,14 +240,21 @@ func (s *Store) GetManifest(d digest.Digest) (Manifest, error) {
 	return m, err
 }
 
-// SetTag points ns/repo:tag at t.
+// SetTag points ns/repo:tag at t; the manifest must be stored (else
+// ErrNotFound).
 func (s *Store) SetTag(ns, repo, tag string, t Tag) error {
-	return s.set(keyTag(ns, repo, tag), encodeTag(t))
+	defer s.locks.Lock(string(t.Digest))()
+	return s.ix.update(func(txn *badger.Txn) error {
+		if ok, err := hasIn(txn, keyManifest(t.Digest)); err != nil || !ok {
+			return errors.Join(err, fmt.Errorf("%w: manifest %s", ErrNotFound, t.Digest))
+		}
+		return setTag(txn, ns, repo, tag, t)
+	})
 }
 
 // GetTag returns what ns/repo:tag points at, or ErrNotFound.
 func (s *Store) GetTag(ns, repo, tag string) (Tag, error) {
-	v, err := s.get(keyTag(ns, repo, tag))
+	v, err := s.ix.get(keyTag(ns, repo, tag))
 	if err != nil {
 		return Tag{}, err
 	}
@@ -90,21 +263,19 @@ func (s *Store) GetTag(ns, repo, tag string) (Tag, error) {
 
 // DeleteTag removes ns/repo:tag. A missing tag is ErrNotFound.
 func (s *Store) DeleteTag(ns, repo, tag string) error {
-	return s.db.Update(func(txn *badger.Txn) error {
-		k := keyTag(ns, repo, tag)
-		if _, err := txn.Get(k); errors.Is(err, badger.ErrKeyNotFound) {
-			return ErrNotFound
-		} else if err != nil {
-			return err
+	return s.ix.update(func(txn *badger.Txn) error {
+		ok, err := deleteTag(txn, ns, repo, tag)
+		if err == nil && !ok {
+			err = ErrNotFound
 		}
-		return txn.Delete(k)
+		return err
 	})
 }
 
 // Tags lists the tags of ns/repo in lexical order, at most n of them
 // (n <= 0: all) starting after last.
 func (s *Store) Tags(ns, repo string, last string, n int) ([]string, error) {
-	return s.list(keyTagPrefix(ns, repo), last, n)
+	return s.ix.keysWithPrefix(keyTagPrefix(ns, repo), last, n)
 }
 
 // Link records that ns/repo references digests (a blob or manifest it
@@ -114,22 +285,26 @@ func (s *Store) Link(ns, repo string, digests ...digest.Digest) error {
 	if len(digests) == 0 {
 		return nil
 	}
-	wb := s.db.NewWriteBatch()
-	defer wb.Cancel()
-	for _, d := range digests {
-		if err := wb.Set(keyLink(ns, repo, d), nil); err != nil {
-			return err
+	return s.ix.update(func(txn *badger.Txn) error {
+		for _, d := range digests {
+			if err := link(txn, ns, repo, d); err != nil {
+				return err
+			}
 		}
-	}
-	return wb.Flush()
+		return nil
+	})
 }
 
 // Linked reports whether ns/repo references d.
 func (s *Store) Linked(ns, repo string, d digest.Digest) (bool, error) {
-	return s.exists(keyLink(ns, repo, d))
+	return s.ix.has(keyLink(ns, repo, d))
 }
 
-// Unlink removes the reference from ns/repo to d.
+// Unlink removes the reference from ns/repo to d. A missing link is not an
+// error.
 func (s *Store) Unlink(ns, repo string, d digest.Digest) error {
-	return s.db.Update(func(txn *badger.Txn) error { return txn.Delete(keyLink(ns, repo, d)) })
+	return s.ix.update(func(txn *badger.Txn) error {
+		_, err := unlink(txn, ns, repo, d)
+		return err
+	})
 }

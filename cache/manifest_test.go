@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"reflect"
 	"slices"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/dgraph-io/badger/v4"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -49,7 +51,7 @@ func TestPutManifestVerifiesDigest(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := s.PutManifest(Manifest{Digest: tt.d, MediaType: mtOCIManifest, Bytes: testManifest, Origin: OriginPushed})
+			err := s.PutManifest(ManifestPut{Manifest: Manifest{Digest: tt.d, MediaType: mtOCIManifest, Bytes: testManifest, Origin: OriginPushed}})
 			if err == nil {
 				t.Fatal("PutManifest succeeded")
 			}
@@ -73,18 +75,18 @@ func TestPutManifestVerifiesDigest(t *testing.T) {
 
 func TestManifestRoundTrip(t *testing.T) {
 	s, _ := newStore(t)
-	long := "application/vnd.example." + string(bytes.Repeat([]byte("x"), 300)) + "+json"
+	longest := "application/vnd.example." + string(bytes.Repeat([]byte("x"), MaxMediaTypeLength-len("application/vnd.example.+json"))) + "+json"
 	tests := []struct {
-		name string
-		m    Manifest
+		name   string
+		m      Manifest
+		wantMT string // the media type stored, if not m's
 	}{
-		{"oci manifest", Manifest{MediaType: mtOCIManifest, Bytes: testManifest, Origin: OriginPulled}},
-		{"sha512", Manifest{MediaType: mtOCIIndex, Bytes: []byte(`{"schemaVersion":2,"manifests":[]}`), Origin: OriginPushed}},
-		{"docker with parameters", Manifest{MediaType: mtDockerManifest + "; charset=utf-8", Bytes: []byte(`{"schemaVersion": 2}`), Origin: OriginPulled}},
-		{"empty media type", Manifest{MediaType: "", Bytes: []byte(`{"a":1}`), Origin: OriginPushed}},
-		{"long media type", Manifest{MediaType: long, Bytes: []byte(`{"b":2}`), Origin: OriginPulled}},
-		{"binary-ish bytes", Manifest{MediaType: "x/y", Bytes: []byte{0, 1, 2, 0xff, 0, '\n'}, Origin: OriginPulled}},
-		{"empty bytes", Manifest{MediaType: "x/empty", Bytes: []byte{}, Origin: OriginPulled}},
+		{"oci manifest", Manifest{MediaType: mtOCIManifest, Bytes: testManifest, Origin: OriginPulled}, ""},
+		{"sha512", Manifest{MediaType: mtOCIIndex, Bytes: []byte(`{"schemaVersion":2,"manifests":[]}`), Origin: OriginPushed}, ""},
+		{"docker with parameters", Manifest{MediaType: mtDockerManifest + "; charset=utf-8", Bytes: []byte(`{"schemaVersion": 2}`), Origin: OriginPulled}, mtDockerManifest},
+		{"upper case", Manifest{MediaType: "Application/VND.OCI.image.manifest.v1+JSON", Bytes: []byte(`{"schemaVersion": 2 }`), Origin: OriginPulled}, mtOCIManifest},
+		{"empty media type", Manifest{MediaType: "", Bytes: []byte(`{"a":1}`), Origin: OriginPushed}, ""},
+		{"longest media type", Manifest{MediaType: longest, Bytes: []byte(`{"b":2}`), Origin: OriginPulled}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -93,12 +95,15 @@ func TestManifestRoundTrip(t *testing.T) {
 			if tt.name == "sha512" {
 				m.Digest = digest.SHA512.FromBytes(m.Bytes)
 			}
-			if err := s.PutManifest(m); err != nil {
+			if err := s.PutManifest(ManifestPut{Manifest: m}); err != nil {
 				t.Fatalf("PutManifest: %v", err)
 			}
 			got, err := s.GetManifest(m.Digest)
 			if err != nil {
 				t.Fatalf("GetManifest: %v", err)
+			}
+			if tt.wantMT != "" {
+				m.MediaType = tt.wantMT
 			}
 			if got.Digest != m.Digest || got.MediaType != m.MediaType || got.Origin != m.Origin || !bytes.Equal(got.Bytes, m.Bytes) {
 				t.Fatalf("GetManifest = %+v\nwant %+v", got, m)
@@ -115,6 +120,27 @@ func TestManifestRoundTrip(t *testing.T) {
 				}
 			}
 		})
+	}
+	// What cannot be a manifest, or whose media type is not one, is
+	// refused (a pull then fails as a bad response).
+	for _, bad := range []struct {
+		m    Manifest
+		want error
+	}{
+		{Manifest{MediaType: "x/y", Bytes: []byte{0, 1, 2, 0xff, 0, '\n'}}, ErrBadManifest},
+		{Manifest{MediaType: "x/empty", Bytes: []byte{}}, ErrBadManifest},
+		{Manifest{MediaType: longest + "x", Bytes: []byte(`{}`)}, ErrBadMediaType},
+		{Manifest{MediaType: "not a media type", Bytes: []byte(`{}`)}, ErrBadMediaType},
+		{Manifest{MediaType: "text/plain; x=\"", Bytes: []byte(`{}`)}, ErrBadMediaType},
+	} {
+		m := bad.m
+		m.Digest = digest.FromBytes(m.Bytes)
+		if err := s.PutManifest(ManifestPut{Manifest: m}); !errors.Is(err, bad.want) {
+			t.Errorf("PutManifest(%q, %q) = %v, want %v", m.MediaType, m.Bytes, err, bad.want)
+		}
+		if _, err := s.GetManifest(m.Digest); !errors.Is(err, ErrNotFound) {
+			t.Errorf("a refused manifest is stored: %v", err)
+		}
 	}
 	if _, err := s.GetManifest(digest.FromString("missing")); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("GetManifest(missing) = %v, want ErrNotFound", err)
@@ -148,7 +174,7 @@ func TestManifestOrigin(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			s, _ := newStore(t)
 			for _, p := range tt.puts {
-				if err := s.PutManifest(Manifest{Digest: d, MediaType: p.mt, Bytes: b, Origin: p.o}); err != nil {
+				if err := s.PutManifest(ManifestPut{Manifest: Manifest{Digest: d, MediaType: p.mt, Bytes: b, Origin: p.o}}); err != nil {
 					t.Fatalf("PutManifest: %v", err)
 				}
 			}
@@ -179,7 +205,7 @@ func TestPutManifestConcurrent(t *testing.T) {
 		go func() {
 			defer wg.Done()
 			<-start
-			errs <- s.PutManifest(Manifest{Digest: d, MediaType: mtOCIManifest, Bytes: b, Origin: o})
+			errs <- s.PutManifest(ManifestPut{Manifest: Manifest{Digest: d, MediaType: mtOCIManifest, Bytes: b, Origin: o}})
 		}()
 	}
 	close(start)
@@ -199,11 +225,26 @@ func TestPutManifestConcurrent(t *testing.T) {
 	}
 }
 
+// storeManifest stores a small manifest and returns its digest.
+func storeManifest(t *testing.T, s *Store, body string) digest.Digest {
+	t.Helper()
+	d := digest.FromString(body)
+	if err := s.PutManifest(ManifestPut{Manifest: Manifest{Digest: d, MediaType: mtOCIManifest, Bytes: []byte(body), Origin: OriginPulled}}); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
 func TestTags(t *testing.T) {
 	s, _ := newStore(t)
 	at := time.Date(2026, 3, 4, 5, 6, 7, 891011, time.UTC)
-	d1 := digest.FromString("one")
-	d2 := digest.FromString("two")
+	d1 := storeManifest(t, s, `{"n":"one"}`)
+	d2 := storeManifest(t, s, `{"n":"two"}`)
+
+	// A tag names a stored manifest, or nothing.
+	if err := s.SetTag("docker.io", "library/alpine", "latest", Tag{Digest: digest.FromString("nothing"), FetchedAt: at}); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("SetTag to a manifest not stored = %v, want ErrNotFound", err)
+	}
 
 	if _, err := s.GetTag("docker.io", "library/alpine", "latest"); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("GetTag(missing) = %v, want ErrNotFound", err)
@@ -226,6 +267,13 @@ func TestTags(t *testing.T) {
 	}
 	if got, _ := s.GetTag("docker.io", "library/alpine", "latest"); got.Digest != d2 || !got.FetchedAt.Equal(later) {
 		t.Fatalf("after overwrite GetTag = %+v", got)
+	}
+	// What refers to each manifest moved with the tag.
+	if n := countRefs(t, s, d1, refTag); n != 0 {
+		t.Fatalf("%d tags still refer to the manifest the tag moved away from", n)
+	}
+	if n := countRefs(t, s, d2, refTag); n != 1 {
+		t.Fatalf("%d tags refer to the tagged manifest, want 1", n)
 	}
 
 	// Same repo and tag under another namespace is another tag.
@@ -251,11 +299,33 @@ func TestTags(t *testing.T) {
 	if tags, err := s.Tags("docker.io", "library/alpine", "", 0); err != nil || len(tags) != 0 {
 		t.Fatalf("Tags after delete = %v, %v", tags, err)
 	}
+	if n := countRefs(t, s, d2, refTag); n != 0 {
+		t.Fatalf("%d tags refer to the manifest after the delete", n)
+	}
+}
+
+// countRefs counts the 'R' keys of d of one kind.
+func countRefs(t *testing.T, s *Store, d digest.Digest, kind byte) int {
+	t.Helper()
+	n := 0
+	err := s.ix.view(func(txn *badger.Txn) error {
+		refs, err := refsOf(txn, d)
+		for _, r := range refs {
+			if r.kind == kind {
+				n++
+			}
+		}
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 func TestTagsListing(t *testing.T) {
 	s, _ := newStore(t)
-	d := digest.FromString("x")
+	d := storeManifest(t, s, `{"x":1}`)
 	// Inserted out of order; lexical (byte) order is what Tags returns.
 	tags := []string{"v1.10", "latest", "v1", "V2", "1.0", "v1.2", "v10", "_x", "v1-rc", "a", "latest-alpine"}
 	for _, tag := range tags {
@@ -430,51 +500,66 @@ func TestLinks(t *testing.T) {
 	}
 }
 
-func TestManifestReferences(t *testing.T) {
+func TestReferences(t *testing.T) {
 	h := func(c byte) digest.Digest {
 		return digest.Digest("sha256:" + string(bytes.Repeat([]byte{c}, 64)))
 	}
 	tests := []struct {
-		name string
-		json string
-		want []digest.Digest
+		name    string
+		json    string
+		want    []digest.Digest
+		subject digest.Digest
 	}{
-		{"oci manifest", string(testManifest), []digest.Digest{h('1'), h('2'), h('3')}},
+		{"oci manifest", string(testManifest), []digest.Digest{h('1'), h('2'), h('3')}, ""},
 		{"docker manifest", `{"schemaVersion":2,"mediaType":"` + mtDockerManifest + `",
 			"config":{"digest":"` + string(h('a')) + `"},"layers":[{"digest":"` + string(h('b')) + `"}]}`,
-			[]digest.Digest{h('a'), h('b')}},
+			[]digest.Digest{h('a'), h('b')}, ""},
 		{"index", `{"schemaVersion":2,"mediaType":"` + mtOCIIndex + `","manifests":[
 			{"mediaType":"` + mtOCIManifest + `","digest":"` + string(h('4')) + `","platform":{"os":"linux","architecture":"amd64"}},
 			{"mediaType":"` + mtOCIManifest + `","digest":"` + string(h('5')) + `"}]}`,
-			[]digest.Digest{h('4'), h('5')}},
+			[]digest.Digest{h('4'), h('5')}, ""},
 		{"manifest with subject", `{"schemaVersion":2,"config":{"digest":"` + string(h('6')) + `"},
 			"layers":[{"digest":"` + string(h('7')) + `"}],"subject":{"digest":"` + string(h('8')) + `"}}`,
-			[]digest.Digest{h('6'), h('7'), h('8')}},
+			[]digest.Digest{h('6'), h('7')}, h('8')},
 		{"index with subject", `{"schemaVersion":2,"manifests":[{"digest":"` + string(h('9')) + `"}],"subject":{"digest":"` + string(h('c')) + `"}}`,
-			[]digest.Digest{h('9'), h('c')}},
+			[]digest.Digest{h('9')}, h('c')},
 		{"artifact blobs", `{"artifactType":"x","blobs":[{"digest":"` + string(h('d')) + `"},{"digest":"` + string(h('e')) + `"}]}`,
-			[]digest.Digest{h('d'), h('e')}},
-		{"empty descriptors skipped", `{"config":{},"layers":[{"digest":""},{"size":3}],"subject":null}`, nil},
-		{"no references", `{"schemaVersion":2}`, nil},
-		{"null", `null`, nil},
-		{"unknown fields ignored", `{"foo":[1,2],"layers":[{"digest":"` + string(h('f')) + `","urls":["http://x"]}]}`, []digest.Digest{h('f')}},
+			[]digest.Digest{h('d'), h('e')}, ""},
+		{"non-distributable layers are not held", `{"config":{"digest":"` + string(h('1')) + `"},"layers":[
+			{"mediaType":"application/vnd.oci.image.layer.nondistributable.v1.tar+gzip","digest":"` + string(h('2')) + `"},
+			{"mediaType":"application/vnd.docker.image.rootfs.foreign.diff.tar.gzip","digest":"` + string(h('3')) + `"},
+			{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"` + string(h('4')) + `"}]}`,
+			[]digest.Digest{h('1'), h('4')}, ""},
+		{"duplicates held once", `{"config":{"digest":"` + string(h('1')) + `"},"layers":[{"digest":"` + string(h('1')) + `"},{"digest":"` + string(h('2')) + `"},{"digest":"` + string(h('2')) + `"}]}`,
+			[]digest.Digest{h('1'), h('2')}, ""},
+		{"docker schema 1", `{"schemaVersion":1,"fsLayers":[{"blobSum":"` + string(h('a')) + `"}]}`, []digest.Digest{h('a')}, ""},
+		{"empty descriptors skipped", `{"config":{},"layers":[{"digest":""},{"size":3}],"subject":null}`, nil, ""},
+		{"no references", `{"schemaVersion":2}`, nil, ""},
+		{"null", `null`, nil, ""},
+		{"unknown fields ignored", `{"foo":[1,2],"layers":[{"digest":"` + string(h('f')) + `","urls":["http://x"]}]}`, []digest.Digest{h('f')}, ""},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			got, err := ManifestReferences([]byte(tt.json))
+			held, subject, err := References([]byte(tt.json))
 			if err != nil {
-				t.Fatalf("ManifestReferences: %v", err)
+				t.Fatalf("References: %v", err)
 			}
-			if !reflect.DeepEqual(got, tt.want) {
-				t.Fatalf("got %v\nwant %v", got, tt.want)
+			var got []digest.Digest
+			for _, r := range held {
+				got = append(got, r.Digest)
+			}
+			if !reflect.DeepEqual(got, tt.want) || subject != tt.subject {
+				t.Fatalf("got %v, subject %q\nwant %v, subject %q", got, subject, tt.want, tt.subject)
 			}
 		})
 	}
 
-	for _, bad := range []string{``, `{`, `not json`, `{"layers":{}}`, `{"config":"sha256:x"}`, `[1,2]`, `{"layers":[{"digest":1}]}`} {
+	for _, bad := range []string{``, `{`, `not json`, `{"layers":{}}`, `{"config":"sha256:x"}`, `[1,2]`, `{"layers":[{"digest":1}]}`,
+		`{"layers":[{"digest":"sha256:abc"}]}`, `{"config":{"digest":"md5:` + strings.Repeat("a", 32) + `"}}`,
+		`{"subject":{"digest":"sha256:\u0000` + strings.Repeat("a", 63) + `"}}`} {
 		t.Run("invalid "+bad, func(t *testing.T) {
-			if got, err := ManifestReferences([]byte(bad)); err == nil {
-				t.Fatalf("ManifestReferences(%q) = %v, nil; want an error", bad, got)
+			if held, subject, err := References([]byte(bad)); !errors.Is(err, ErrBadManifest) {
+				t.Fatalf("References(%q) = %v, %q, %v; want ErrBadManifest", bad, held, subject, err)
 			}
 		})
 	}
@@ -494,7 +579,7 @@ func TestStoreReopen(t *testing.T) {
 	if err := s.PutBlob(bytes.NewReader(blob), bd, OriginPushed); err != nil {
 		t.Fatal(err)
 	}
-	if err := s.PutManifest(Manifest{Digest: md, MediaType: mtOCIManifest, Bytes: testManifest, Origin: OriginPulled}); err != nil {
+	if err := s.PutManifest(ManifestPut{Manifest: Manifest{Digest: md, MediaType: mtOCIManifest, Bytes: testManifest, Origin: OriginPulled}}); err != nil {
 		t.Fatal(err)
 	}
 	if err := s.SetTag("docker.io", "library/busybox", "1.36", Tag{Digest: md, FetchedAt: at}); err != nil {

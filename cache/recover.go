@@ -17,13 +17,15 @@ import (
 
 // RecoverReport says what startup recovery found.
 type RecoverReport struct {
-	Blobs       int64 // indexed blobs after recovery
-	Bytes       int64
-	TempRemoved int           // leftover temp files removed
-	Dropped     int           // index entries whose file was missing
-	Adopted     int           // files without an entry whose digest verified
-	Removed     int           // files without an entry that did not verify
-	Dur         time.Duration // how long it took
+	Blobs         int64 // indexed blobs after recovery
+	Bytes         int64
+	Manifests     int64 // stored manifests
+	ManifestBytes int64
+	TempRemoved   int           // leftover temp files removed
+	Dropped       int           // index entries whose file was missing
+	Adopted       int           // files without an entry whose digest verified
+	Removed       int           // files without an entry that did not verify
+	Dur           time.Duration // how long it took
 }
 
 // recover reconciles the index with the files, without re-hashing indexed
@@ -43,6 +45,9 @@ func (s *Store) recover() (RecoverReport, error) {
 		return r, err
 	}
 	r.TempRemoved = n
+	if err := s.migrate(); err != nil {
+		return r, err
+	}
 	for _, alg := range []digest.Algorithm{digest.SHA256, digest.SHA512} {
 		if err := s.reconcile(alg, &r); err != nil {
 			return r, err
@@ -50,6 +55,11 @@ func (s *Store) recover() (RecoverReport, error) {
 	}
 	s.life.size.Store(r.Bytes)
 	s.life.count.Store(r.Blobs)
+	if err := s.countManifests(&r); err != nil {
+		return r, err
+	}
+	s.life.mSize.Store(r.ManifestBytes)
+	s.life.mCount.Store(r.Manifests)
 	r.Dur = time.Since(start)
 	if r.TempRemoved+r.Dropped+r.Adopted+r.Removed > 0 {
 		s.log.Warn("recovered the data directory", "temp_removed", r.TempRemoved, "dropped", r.Dropped,
@@ -60,23 +70,7 @@ func (s *Store) recover() (RecoverReport, error) {
 }
 
 func (s *Store) removeOrphanTemps() (int, error) {
-	live := map[string]bool{}
-	err := s.db.View(func(txn *badger.Txn) error {
-		o := badger.DefaultIteratorOptions
-		o.Prefix = keyUploadPrefix()
-		it := txn.NewIterator(o)
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			id := string(it.Item().Key()[1:])
-			it.Item().Value(func(v []byte) error {
-				if u, err := decodeUpload(id, v); err == nil {
-					live[u.temp] = true
-				}
-				return nil
-			})
-		}
-		return nil
-	})
+	live, err := s.uploadTemps()
 	if err != nil {
 		return 0, err
 	}
@@ -96,7 +90,10 @@ func (s *Store) removeOrphanTemps() (int, error) {
 	return n, nil
 }
 
-// blobFiles lists the blob files of alg in hex order.
+// blobFiles lists the blob files of alg in hex order. Anything else in
+// the blob directories (a name that is not a digest of alg, a file where a
+// directory belongs, a file in the wrong directory) is skipped with a
+// warning and left alone: it is not the store's to remove.
 func (s *Store) blobFiles(alg digest.Algorithm) (iter.Seq[string], error) {
 	root := filepath.Join(s.dir, "blobs", string(alg))
 	dirs, err := os.ReadDir(root)
@@ -106,6 +103,7 @@ func (s *Store) blobFiles(alg digest.Algorithm) (iter.Seq[string], error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache: %w", err)
 	}
+	junk := func(p string) { s.log.Warn("skipped a file that is not a blob in the blob directories", "path", p) }
 	return func(yield func(string) bool) {
 		// Directories are listed a few ahead, on another goroutine, while
 		// the caller walks the index.
@@ -115,10 +113,12 @@ func (s *Store) blobFiles(alg digest.Algorithm) (iter.Seq[string], error) {
 		go func() {
 			defer close(lists)
 			for _, d := range dirs {
-				if !d.IsDir() {
+				dir := filepath.Join(root, d.Name())
+				if !d.IsDir() || !isHex(d.Name(), 2) {
+					junk(dir)
 					continue
 				}
-				f, err := os.Open(filepath.Join(root, d.Name()))
+				f, err := os.Open(dir)
 				if err != nil {
 					s.log.Warn("read blob directory", "err", err)
 					continue
@@ -129,9 +129,17 @@ func (s *Store) blobFiles(alg digest.Algorithm) (iter.Seq[string], error) {
 					s.log.Warn("read blob directory", "err", err)
 					continue
 				}
-				slices.Sort(names)
+				ok := names[:0]
+				for _, n := range names {
+					if isHex(n, alg.Size()*2) && n[:2] == d.Name() {
+						ok = append(ok, n)
+					} else {
+						junk(filepath.Join(dir, n))
+					}
+				}
+				slices.Sort(ok)
 				select {
-				case lists <- names:
+				case lists <- ok:
 				case <-done:
 					return
 				}
@@ -147,6 +155,19 @@ func (s *Store) blobFiles(alg digest.Algorithm) (iter.Seq[string], error) {
 	}, nil
 }
 
+// isHex reports whether s is n lower-case hex digits.
+func isHex(s string, n int) bool {
+	if len(s) != n {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; (c < '0' || c > '9') && (c < 'a' || c > 'f') {
+			return false
+		}
+	}
+	return true
+}
+
 func (s *Store) reconcile(alg digest.Algorithm, r *RecoverReport) error {
 	files, err := s.blobFiles(alg)
 	if err != nil {
@@ -156,19 +177,13 @@ func (s *Store) reconcile(alg digest.Algorithm, r *RecoverReport) error {
 	defer stop()
 	file, more := next()
 
-	prefix := []byte{prefixBlob}
-	prefix = append(prefix, alg...)
-	prefix = append(prefix, ':')
+	prefix := keyBlobsOf(alg)
 	var drop [][]byte
 	var adopt []string
-	err = s.db.View(func(txn *badger.Txn) error {
-		o := badger.DefaultIteratorOptions
-		o.Prefix = prefix
-		o.PrefetchValues = false // values are small and inline: read in place
-		it := txn.NewIterator(o)
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			hex := string(it.Item().Key()[len(prefix):])
+	err = s.ix.view(func(txn *badger.Txn) error {
+		// Values are small and inline: read in place.
+		return each(txn, prefix, nil, false, func(item *badger.Item) error {
+			hex := string(item.Key()[len(prefix):])
 			for more && file < hex {
 				adopt = append(adopt, file)
 				file, more = next()
@@ -176,7 +191,7 @@ func (s *Store) reconcile(alg digest.Algorithm, r *RecoverReport) error {
 			if more && file == hex {
 				file, more = next()
 				size := int64(-1)
-				it.Item().Value(func(v []byte) error {
+				item.Value(func(v []byte) error {
 					if info, err := decodeBlob("", v); err == nil {
 						size = info.Size
 					}
@@ -185,17 +200,17 @@ func (s *Store) reconcile(alg digest.Algorithm, r *RecoverReport) error {
 				if size < 0 {
 					// An unreadable entry: index the file again if
 					// it verifies.
-					drop = append(drop, it.Item().KeyCopy(nil))
+					drop = append(drop, item.KeyCopy(nil))
 					adopt = append(adopt, hex)
-					continue
+					return nil
 				}
 				r.Blobs++
 				r.Bytes += size
-				continue
+				return nil
 			}
-			drop = append(drop, it.Item().KeyCopy(nil))
-		}
-		return nil
+			drop = append(drop, item.KeyCopy(nil))
+			return nil
+		})
 	})
 	if err != nil {
 		return err
@@ -204,16 +219,22 @@ func (s *Store) reconcile(alg digest.Algorithm, r *RecoverReport) error {
 		adopt = append(adopt, file)
 		file, more = next()
 	}
-	if len(drop) > 0 {
-		wb := s.db.NewWriteBatch()
-		for _, k := range drop {
-			wb.Delete(k)
-			wb.Delete(keyAccess(digest.Digest(k[1:])))
-		}
-		if err := wb.Flush(); err != nil {
+	for _, k := range drop {
+		// The file is gone: the entry goes, as an eviction would take it
+		// (the links stay: a pull refills what a repository references).
+		d := digestKey(k)
+		err := s.ix.update(func(txn *badger.Txn) error {
+			info, err := s.blobIn(txn, d)
+			if err != nil {
+				return txn.Delete(k)
+			}
+			_, err = dropBlob(txn, info, false)
+			return err
+		})
+		if err != nil {
 			return err
 		}
-		r.Dropped += len(drop)
+		r.Dropped++
 	}
 	for _, hex := range adopt {
 		d := digest.NewDigestFromEncoded(alg, hex)
@@ -249,5 +270,92 @@ func (s *Store) adopt(d digest.Digest) (int64, error) {
 	if got := digest.NewDigest(d.Algorithm(), h); got != d {
 		return 0, fmt.Errorf("%w: got %s", ErrDigestMismatch, got)
 	}
-	return n, s.set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: n, Origin: OriginPulled, StoredAt: s.now()}))
+	return n, s.ix.set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: n, Origin: OriginPulled, StoredAt: s.now()}))
+}
+
+// countManifests adds up the stored manifests for the running totals,
+// reading only keys and value sizes.
+func (s *Store) countManifests(r *RecoverReport) error {
+	return s.ix.view(func(txn *badger.Txn) error {
+		return each(txn, keyAll(prefixManifest), nil, false, func(item *badger.Item) error {
+			r.Manifests++
+			r.ManifestBytes += manifestValueSize(item.ValueSize())
+			return nil
+		})
+	})
+}
+
+// migrate brings an index written by an older slipway up to indexVersion:
+// version 2 added the 'R' keys, which are rebuilt from the 'l', 't' and
+// 'm' keys they mirror. Until it is done nothing is collected, since
+// nothing else writes yet.
+func (s *Store) migrate() error {
+	v, err := s.ix.get(keyVersion())
+	if err == nil && len(v) == 1 && v[0] >= indexVersion {
+		return nil
+	}
+	if err != nil && !errors.Is(err, ErrNotFound) {
+		return err
+	}
+	start := time.Now()
+	var refs [][]byte
+	err = s.ix.view(func(txn *badger.Txn) error {
+		if err := each(txn, keyAll(prefixLink), nil, false, func(item *badger.Item) error {
+			if ns, repo, d, ok := parseLinkKey(item.Key()); ok {
+				refs = append(refs, keyLinkRef(ns, repo, d))
+			}
+			return nil
+		}); err != nil {
+			return err
+		}
+		if err := each(txn, keyAll(prefixTag), nil, true, func(item *badger.Item) error {
+			ns, repo, tag, ok := parseTagKey(item.Key())
+			if !ok {
+				return nil
+			}
+			return item.Value(func(v []byte) error {
+				if t, err := decodeTag(v); err == nil {
+					refs = append(refs, keyTagRef(ns, repo, tag, t.Digest))
+				}
+				return nil
+			})
+		}); err != nil {
+			return err
+		}
+		return each(txn, keyAll(prefixManifest), nil, true, func(item *badger.Item) error {
+			d := digestKey(item.Key())
+			return item.Value(func(v []byte) error {
+				m, err := decodeManifest(d, v)
+				if err != nil {
+					return nil
+				}
+				held, _, err := References(m.Bytes)
+				if err != nil {
+					return nil
+				}
+				for _, h := range held {
+					refs = append(refs, keyHolder(h.Digest, d))
+				}
+				return nil
+			})
+		})
+	})
+	if err != nil {
+		return err
+	}
+	err = s.ix.batch(func(wb *badger.WriteBatch) error {
+		for _, k := range refs {
+			if err := wb.Set(k, nil); err != nil {
+				return err
+			}
+		}
+		return wb.Set(keyVersion(), []byte{indexVersion})
+	})
+	if err != nil {
+		return fmt.Errorf("cache: migrate the index to version %d: %w", indexVersion, err)
+	}
+	if len(refs) > 0 {
+		s.log.Info("index migrated", "version", indexVersion, "references", len(refs), "dur", time.Since(start))
+	}
+	return nil
 }

@@ -33,6 +33,18 @@ var (
 	// write's temp file is gone, the index is untouched, and an eviction
 	// pass has been asked for.
 	ErrNoSpace = errors.New("cache: no space left on device")
+	// ErrBadManifest is a manifest whose JSON or digests cannot be read.
+	ErrBadManifest = errors.New("cache: manifest cannot be parsed")
+	// ErrBadMediaType is a media type that is not one, or too long.
+	ErrBadMediaType = errors.New("cache: invalid media type")
+	// ErrRefUnknown is a manifest put into a local repository that does
+	// not hold one of the blobs or manifests the manifest holds.
+	ErrRefUnknown = errors.New("cache: the repository does not hold a referenced blob or manifest")
+	// ErrRefSize is a manifest that gives a referenced blob or manifest a
+	// size other than the stored one.
+	ErrRefSize = errors.New("cache: a referenced blob or manifest has another size")
+	// ErrGraceTooShort is a GC grace under Options.MinGCGrace.
+	ErrGraceTooShort = errors.New("cache: GC grace is under the minimum")
 )
 
 // Options tune a Store. The zero value is usable.
@@ -53,9 +65,15 @@ type Options struct {
 	LowWatermark, HighWatermark float64
 	// Pins are never evicted (nor is pushed content).
 	Pins []Pin
-	// GCGrace is how long a blob no manifest references is kept before GC
-	// removes it (a push sends layers before their manifest). Default 24h.
+	// GCGrace is how long a blob or manifest nothing references is kept
+	// after its last use before GC removes it (a push sends layers before
+	// their manifest). Default 24h.
 	GCGrace time.Duration
+	// MinGCGrace is the shortest grace a GC pass may use (GCGrace and
+	// GCOptions.Grace below it are refused): a short grace removes the
+	// layers of pushes whose manifest has not arrived yet. Default 1h;
+	// negative: no minimum (tests).
+	MinGCGrace time.Duration
 	// GCEvery is how often the unreferenced-blob GC runs; default 1 hour,
 	// negative: never (slipway gc, or Store.GC, still work).
 	GCEvery time.Duration
@@ -70,10 +88,11 @@ type Options struct {
 // Store is the content-addressed store. It is safe for concurrent use.
 type Store struct {
 	dir   string
-	db    *badger.DB
+	ix    index
 	log   *slog.Logger
 	now   func() time.Time
 	locks keyedMutex
+	dirMu sync.Mutex // creating blob directories
 	opt   Options
 
 	life     lifecycle
@@ -109,6 +128,12 @@ func Open(dir string, opt Options) (*Store, error) {
 	if opt.GCGrace <= 0 {
 		opt.GCGrace = 24 * time.Hour
 	}
+	if opt.MinGCGrace == 0 {
+		opt.MinGCGrace = time.Hour
+	}
+	if opt.MinGCGrace > 0 && opt.GCGrace < opt.MinGCGrace {
+		return nil, fmt.Errorf("%w: %s, the minimum is %s", ErrGraceTooShort, opt.GCGrace, opt.MinGCGrace)
+	}
 	if opt.GCEvery == 0 {
 		opt.GCEvery = time.Hour
 	}
@@ -119,6 +144,9 @@ func Open(dir string, opt Options) (*Store, error) {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
 			return nil, fmt.Errorf("cache: %w", err)
 		}
+	}
+	if err := syncDir(dir); err != nil { // their entries
+		return nil, err
 	}
 	bo := badger.DefaultOptions(filepath.Join(dir, "index")).
 		WithLogger(badgerLogger{opt.Logger}).
@@ -138,8 +166,12 @@ func Open(dir string, opt Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache: open index: %w", err)
 	}
-	s := &Store{dir: dir, db: db, log: opt.Logger, now: opt.Now, opt: opt, stop: make(chan struct{})}
+	s := &Store{dir: dir, ix: index{db}, log: opt.Logger, now: opt.Now, opt: opt, stop: make(chan struct{})}
 	s.life.init()
+	if opt.MaxSize > 0 {
+		s.life.budgetHigh = s.highMark()
+		s.life.onGrowth = s.kickMaintenance
+	}
 	// Recovery runs before anything can write: no fill or push is live, so
 	// every temp file that no upload session owns is a leftover.
 	if _, err := s.recover(); err != nil {
@@ -162,7 +194,7 @@ func (s *Store) Close() error {
 		if err := s.flushAccess(); err != nil {
 			s.log.Warn("flush access times", "err", err)
 		}
-		s.closeErr = s.db.Close()
+		s.closeErr = s.ix.db.Close()
 	})
 	return s.closeErr
 }
@@ -188,7 +220,7 @@ func (s *Store) gcLoop(every time.Duration) {
 					return
 				default:
 				}
-				if s.db.RunValueLogGC(0.5) != nil {
+				if s.ix.db.RunValueLogGC(0.5) != nil {
 					break
 				}
 			}
@@ -196,6 +228,8 @@ func (s *Store) gcLoop(every time.Duration) {
 	}
 }
 
+// blobPath is where blob d's file lives. d must be valid (digest.Validate):
+// its encoded part is then long enough to name a directory.
 func (s *Store) blobPath(d digest.Digest) string {
 	hex := d.Encoded()
 	return filepath.Join(s.dir, "blobs", string(d.Algorithm()), hex[:2], hex)
@@ -203,48 +237,9 @@ func (s *Store) blobPath(d digest.Digest) string {
 
 func (s *Store) tmpDir() string { return filepath.Join(s.dir, "tmp") }
 
-// get reads one key's value; a missing key is ErrNotFound.
-func (s *Store) get(key []byte) ([]byte, error) {
-	var v []byte
-	err := s.db.View(func(txn *badger.Txn) error {
-		item, err := txn.Get(key)
-		if err != nil {
-			return err
-		}
-		v, err = item.ValueCopy(nil)
-		return err
-	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return nil, ErrNotFound
-	}
-	if errors.Is(err, badger.ErrDBClosed) {
-		return nil, ErrClosed
-	}
-	return v, err
-}
-
-func (s *Store) set(key, value []byte) error {
-	err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(key, value) })
-	if errors.Is(err, badger.ErrDBClosed) {
-		return ErrClosed
-	}
-	return err
-}
-
-func (s *Store) exists(key []byte) (bool, error) {
-	err := s.db.View(func(txn *badger.Txn) error {
-		_, err := txn.Get(key)
-		return err
-	})
-	if errors.Is(err, badger.ErrKeyNotFound) {
-		return false, nil
-	}
-	return err == nil, err
-}
-
 // Ping reports whether the index is open and usable.
 func (s *Store) Ping(ctx context.Context) error {
-	_, err := s.exists([]byte{0})
+	_, err := s.ix.has([]byte{0})
 	return err
 }
 

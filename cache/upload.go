@@ -4,7 +4,6 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding"
-	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -45,42 +44,6 @@ type uploadState struct {
 	hash []byte // sha256 state after Size bytes (encoding.BinaryMarshaler)
 }
 
-// uploadValue: size (8) | started, unix nanos (8) | repo length (2) | repo |
-// temp length (1) | temp | sha256 state.
-func encodeUpload(u uploadState) []byte {
-	v := make([]byte, 0, 19+len(u.Repo)+len(u.temp)+len(u.hash))
-	v = binary.BigEndian.AppendUint64(v, uint64(u.Size))
-	v = binary.BigEndian.AppendUint64(v, uint64(u.StartedAt.UnixNano()))
-	v = binary.BigEndian.AppendUint16(v, uint16(len(u.Repo)))
-	v = append(v, u.Repo...)
-	v = append(v, byte(len(u.temp)))
-	v = append(v, u.temp...)
-	return append(v, u.hash...)
-}
-
-func decodeUpload(id string, v []byte) (uploadState, error) {
-	if len(v) < 19 {
-		return uploadState{}, errCorruptValue
-	}
-	u := uploadState{Upload: Upload{
-		ID:        id,
-		Size:      int64(binary.BigEndian.Uint64(v[0:8])),
-		StartedAt: time.Unix(0, int64(binary.BigEndian.Uint64(v[8:16]))),
-	}}
-	n := int(binary.BigEndian.Uint16(v[16:18]))
-	v = v[18:]
-	if len(v) < n+1 {
-		return uploadState{}, errCorruptValue
-	}
-	u.Repo, v = string(v[:n]), v[n:]
-	n, v = int(v[0]), v[1:]
-	if len(v) < n {
-		return uploadState{}, errCorruptValue
-	}
-	u.temp, u.hash = string(v[:n]), append([]byte(nil), v[n:]...)
-	return u, nil
-}
-
 // uploadLock serializes the requests of one upload. Its key cannot collide
 // with a digest's.
 func (s *Store) uploadLock(id string) func() { return s.locks.Lock("u\x00" + id) }
@@ -115,21 +78,21 @@ func (s *Store) CreateUpload(repo string, ttl time.Duration) (Upload, error) {
 }
 
 func (s *Store) putUpload(u uploadState, ttl time.Duration) error {
-	e := badger.NewEntry(keyUpload(u.ID), encodeUpload(u))
+	v, err := encodeUpload(u)
+	if err != nil {
+		return err
+	}
+	e := badger.NewEntry(keyUpload(u.ID), v)
 	if ttl > 0 {
 		// badger keeps expiry in whole seconds, rounded down: add one so
 		// an upload lives at least ttl.
 		e = e.WithTTL(ttl + time.Second)
 	}
-	err := s.db.Update(func(txn *badger.Txn) error { return txn.SetEntry(e) })
-	if errors.Is(err, badger.ErrDBClosed) {
-		return ErrClosed
-	}
-	return err
+	return s.ix.update(func(txn *badger.Txn) error { return txn.SetEntry(e) })
 }
 
 func (s *Store) getUpload(id string) (uploadState, error) {
-	v, err := s.get(keyUpload(id))
+	v, err := s.ix.get(keyUpload(id))
 	if err != nil {
 		return uploadState{}, err
 	}
@@ -237,9 +200,12 @@ func restoreSHA256(state []byte) (hash.Hash, error) {
 
 // FinishUpload appends a last chunk (r may be nil; offset and want as for
 // AppendUpload), then commits the upload as blob d: verified, fsynced,
-// renamed into place under d's lock, indexed. The upload ends whether the
-// commit succeeds or not (a digest mismatch stores nothing); a chunk that
-// does not fit leaves it as it was.
+// placed under d's lock, indexed. A commit that stored the blob, or found
+// that the bytes are not d, ends the upload (a mismatch stores nothing). A
+// chunk that does not fit, or a commit that failed for a reason that may
+// pass (a full disk, a failed fsync), leaves the upload as it was: every
+// chunk acknowledged with a 202 is still there, and the client may retry
+// the PUT.
 func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d digest.Digest, origin Origin, ttl time.Duration) (BlobInfo, error) {
 	defer s.uploadLock(id)()
 	u, err := s.getUpload(id)
@@ -247,21 +213,14 @@ func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d
 		return BlobInfo{}, err
 	}
 	if r != nil && want != 0 && u.Size == 0 && offset <= 0 {
-		// The whole blob in one request, its digest named first.
-		// As below: a body that does not arrive whole leaves the upload
-		// as it was; a wrong digest ends it.
+		// The whole blob in one request, its digest named first. As
+		// below: a body that does not arrive whole, or does not land,
+		// leaves the upload as it was; a wrong digest ends it.
 		err := s.WriteDeclared(d, r, want, origin)
-		if err != nil && !errors.Is(err, ErrDigestMismatch) {
+		if err != nil && !endsUpload(err) {
 			return BlobInfo{}, err
 		}
-		os.Remove(filepath.Join(s.tmpDir(), u.temp))
-		if derr := s.deleteUploadKey(id); derr != nil && err == nil {
-			return BlobInfo{}, derr
-		}
-		if err != nil {
-			return BlobInfo{}, err
-		}
-		return s.StatBlob(d)
+		return s.endUpload(u, d, err)
 	}
 	if r != nil && want != 0 {
 		if err := s.appendLocked(&u, offset, r, want, ttl, false); err != nil {
@@ -270,8 +229,25 @@ func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d
 	} else if offset >= 0 && offset != u.Size {
 		return BlobInfo{}, fmt.Errorf("%w: chunk starts at %d, upload has %d bytes", ErrUploadOffset, offset, u.Size)
 	}
-	commitErr := s.commitUpload(u, d, origin)
-	if err := s.deleteUploadKey(id); err != nil && commitErr == nil {
+	err = s.commitUpload(u, d, origin)
+	if err != nil && !endsUpload(err) {
+		return BlobInfo{}, err
+	}
+	return s.endUpload(u, d, err)
+}
+
+// endsUpload reports whether a commit's error ends the upload: its bytes
+// are not the digest's, and no retry can change that.
+func endsUpload(err error) bool {
+	return errors.Is(err, ErrDigestMismatch) || errors.Is(err, digest.ErrDigestInvalidFormat) || errors.Is(err, digest.ErrDigestInvalidLength) ||
+		errors.Is(err, digest.ErrDigestUnsupported)
+}
+
+// endUpload removes the upload's state and bytes after a commit that ended
+// it (commitErr: the commit's own error, returned).
+func (s *Store) endUpload(u uploadState, d digest.Digest, commitErr error) (BlobInfo, error) {
+	os.Remove(filepath.Join(s.tmpDir(), u.temp))
+	if err := s.deleteUploadKey(u.ID); err != nil && commitErr == nil {
 		return BlobInfo{}, err
 	}
 	if commitErr != nil {
@@ -280,24 +256,27 @@ func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d
 	return s.StatBlob(d)
 }
 
+// commitUpload commits the upload's file as blob d. The file stays the
+// upload's: it is linked into place, so a commit that fails leaves it.
 func (s *Store) commitUpload(u uploadState, d digest.Digest, origin Origin) error {
 	path := filepath.Join(s.tmpDir(), u.temp)
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
 		return fmt.Errorf("cache: open upload: %w", err)
 	}
+	defer f.Close()
+	// Bytes past Size are from a last chunk whose commit failed: the
+	// state is what was acknowledged.
 	if err := f.Truncate(u.Size); err != nil {
-		f.Close()
 		return fmt.Errorf("cache: %w", err)
 	}
 	h, err := restoreSHA256(u.hash)
 	if err != nil {
-		f.Close()
 		return err
 	}
 	w := &BlobWriter{
 		s: s, f: f, out: f, alg: digest.SHA256, digester: hashDigester{digest.SHA256, h},
-		path: path, written: u.Size, changed: make(chan struct{}),
+		path: path, written: u.Size, changed: make(chan struct{}), keep: true,
 	}
 	defer w.Cancel()
 	return w.Commit(d, u.Size, origin)
@@ -316,20 +295,12 @@ func (d hashDigester) Digest() digest.Digest { return digest.NewDigest(d.alg, d.
 // canceled or expired. It reads only keys: a scrape's worth of work.
 func (s *Store) UploadsOpen() (int, error) {
 	n := 0
-	err := s.db.View(func(txn *badger.Txn) error {
-		o := badger.DefaultIteratorOptions
-		o.PrefetchValues = false
-		o.Prefix = keyUploadPrefix()
-		it := txn.NewIterator(o)
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
+	err := s.ix.view(func(txn *badger.Txn) error {
+		return each(txn, keyAll(prefixUpload), nil, false, func(*badger.Item) error {
 			n++
-		}
-		return nil
+			return nil
+		})
 	})
-	if errors.Is(err, badger.ErrDBClosed) {
-		return 0, ErrClosed
-	}
 	return n, err
 }
 
@@ -348,11 +319,24 @@ func (s *Store) DeleteUpload(id string) error {
 }
 
 func (s *Store) deleteUploadKey(id string) error {
-	err := s.db.Update(func(txn *badger.Txn) error { return txn.Delete(keyUpload(id)) })
-	if errors.Is(err, badger.ErrDBClosed) {
-		return ErrClosed
-	}
-	return err
+	return s.ix.update(func(txn *badger.Txn) error { return txn.Delete(keyUpload(id)) })
+}
+
+// uploadTemps is the set of temp file names live uploads own.
+func (s *Store) uploadTemps() (map[string]bool, error) {
+	live := map[string]bool{}
+	err := s.ix.view(func(txn *badger.Txn) error {
+		return each(txn, keyAll(prefixUpload), nil, true, func(item *badger.Item) error {
+			id := string(item.Key()[1:])
+			return item.Value(func(v []byte) error {
+				if u, err := decodeUpload(id, v); err == nil {
+					live[u.temp] = true
+				}
+				return nil
+			})
+		})
+	})
+	return live, err
 }
 
 // ReapUploads removes temp files that no live upload owns and that nobody
@@ -360,31 +344,7 @@ func (s *Store) deleteUploadKey(id string) error {
 // leftovers of a crash. Files being written (fills, pushes) are fresh, so
 // they stay. It returns how many files it removed.
 func (s *Store) ReapUploads(olderThan time.Duration) (int, error) {
-	live := map[string]bool{}
-	err := s.db.View(func(txn *badger.Txn) error {
-		o := badger.DefaultIteratorOptions
-		o.Prefix = keyUploadPrefix()
-		it := txn.NewIterator(o)
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			item := it.Item()
-			id := string(item.Key()[1:])
-			err := item.Value(func(v []byte) error {
-				u, err := decodeUpload(id, v)
-				if err == nil {
-					live[u.temp] = true
-				}
-				return nil
-			})
-			if err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if errors.Is(err, badger.ErrDBClosed) {
-		return 0, ErrClosed
-	}
+	live, err := s.uploadTemps()
 	if err != nil {
 		return 0, err
 	}

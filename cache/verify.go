@@ -64,14 +64,10 @@ func (s *Store) Verify(ctx context.Context, o VerifyOptions) (VerifyReport, erro
 	}
 	var list []BlobInfo
 	var total int64
-	err := s.db.View(func(txn *badger.Txn) error {
-		opt := badger.DefaultIteratorOptions
-		opt.Prefix = []byte{prefixBlob}
-		it := txn.NewIterator(opt)
-		defer it.Close()
-		for it.Rewind(); it.Valid(); it.Next() {
-			d := digest.Digest(it.Item().Key()[1:])
-			err := it.Item().Value(func(v []byte) error {
+	err := s.ix.view(func(txn *badger.Txn) error {
+		return each(txn, keyAll(prefixBlob), nil, false, func(item *badger.Item) error {
+			d := digestKey(item.Key())
+			return item.Value(func(v []byte) error {
 				info, err := decodeBlob(d, v)
 				if err != nil {
 					info = BlobInfo{Digest: d, Size: -1}
@@ -80,15 +76,8 @@ func (s *Store) Verify(ctx context.Context, o VerifyOptions) (VerifyReport, erro
 				total += max(info.Size, 0)
 				return nil
 			})
-			if err != nil {
-				return err
-			}
-		}
-		return nil
+		})
 	})
-	if errors.Is(err, badger.ErrDBClosed) {
-		return VerifyReport{}, ErrClosed
-	}
 	if err != nil {
 		return VerifyReport{}, err
 	}
@@ -212,7 +201,7 @@ func (s *Store) dropBad(info BlobInfo, p *Problem) error {
 		// An unreadable entry: nothing to keep. The running total never
 		// counted it, so only the key goes.
 		p.Action = "removed"
-		return s.db.Update(func(txn *badger.Txn) error { return txn.Delete(keyBlob(info.Digest)) })
+		return s.ix.update(func(txn *badger.Txn) error { return txn.Delete(keyBlob(info.Digest)) })
 	}
 	if err != nil {
 		return err
@@ -234,6 +223,21 @@ func (s *Store) dropBad(info BlobInfo, p *Problem) error {
 		p.Action = "removed"
 		s.log.Warn("a cached blob is corrupt or missing: removed, the next pull refills it", "digest", info.Digest, "err", p.Error)
 	}
-	_, _, err = s.deleteBlobLocked(info.Digest, nil)
-	return err
+	// Taken out as an eviction would: the repositories keep their links,
+	// so a pull refills a pulled blob, and a push of a pushed one makes
+	// it whole again.
+	var rm removed
+	err = s.ix.update(func(txn *badger.Txn) error {
+		var err error
+		rm, err = dropBlob(txn, cur, false)
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	if p.Action == "quarantined" {
+		rm.bytes, rm.kind = cur.Size, kindBlob // the file is in quarantine/ now: finish finds none
+	}
+	s.finish(rm)
+	return nil
 }

@@ -49,16 +49,10 @@ func (m *Manager) resolve(repo, ref string) (digest.Digest, error) {
 	return d, nil
 }
 
-// StatBlob returns blob d of repo's index entry.
+// StatBlob returns blob d of repo's index entry: repo must hold it as
+// pushed content (see cache.Store.LocalBlob).
 func (m *Manager) StatBlob(repo string, d digest.Digest) (cache.BlobInfo, error) {
-	ok, err := m.store.Linked("", repo, d)
-	if err != nil {
-		return cache.BlobInfo{}, err
-	}
-	if !ok {
-		return cache.BlobInfo{}, fmt.Errorf("%w: %s", ErrBlobUnknown, d)
-	}
-	info, err := m.store.StatBlob(d)
+	info, err := m.store.LocalBlob(repo, d)
 	if errors.Is(err, cache.ErrNotFound) {
 		return cache.BlobInfo{}, fmt.Errorf("%w: %s", ErrBlobUnknown, d)
 	}
@@ -153,23 +147,14 @@ func (m *Manager) DeleteManifest(repo, ref string) error {
 		}
 		return nil
 	}
-	man, err := m.Manifest(repo, ref)
-	if err != nil {
+	if _, err := m.Manifest(repo, ref); err != nil {
 		return err
 	}
-	if err := m.store.Unlink("", repo, d); err != nil {
-		return err
+	_, err = m.store.RemoveFromRepository("", repo, d)
+	if errors.Is(err, cache.ErrNotFound) {
+		return fmt.Errorf("%w: %s", ErrManifestUnknown, d)
 	}
-	if _, err := m.store.DeleteTagsOf("", repo, d); err != nil {
-		return err
-	}
-	var s struct {
-		Subject *descriptor `json:"subject"`
-	}
-	if json.Unmarshal(man.Bytes, &s) == nil && s.Subject != nil {
-		return m.store.DeleteReferrer("", repo, s.Subject.Digest, d)
-	}
-	return nil
+	return err
 }
 
 // DeleteBlob removes blob d from repo. The bytes stay while anything else

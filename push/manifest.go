@@ -4,9 +4,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"mime"
-	"strings"
-	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -63,17 +60,14 @@ func (d descriptor) validate(what string) error {
 	return nil
 }
 
-// nonDistributable layers may live elsewhere (urls); a manifest may name
-// them without the registry having them.
-func nonDistributable(mt string) bool {
-	return strings.Contains(mt, ".nondistributable.") || strings.Contains(mt, ".foreign.")
-}
-
 // PutManifest validates and stores a manifest pushed to repo under ref (a tag
 // or a digest), and points tags (from ?tag=) at it. contentType is the
 // request's Content-Type; the manifest's own mediaType field is the fallback.
-// Every blob and manifest it references must be in repo (pushed or mounted
-// there), except its subject, which need not exist yet.
+// Every blob and manifest it holds must be in repo (pushed or mounted
+// there, and still stored), except its subject, which need not exist yet,
+// and its non-distributable layers. The store checks that, and writes the
+// manifest, its links, tags and referrer entry, under the locks of all of
+// them: GC cannot take a blob between the check and the 201.
 func (m *Manager) PutManifest(repo, ref string, tags []string, contentType string, body []byte) (Pushed, error) {
 	if err := m.permit(repo); err != nil {
 		return Pushed{}, err
@@ -98,32 +92,31 @@ func (m *Manager) PutManifest(repo, ref string, tags []string, contentType strin
 	if err != nil {
 		return Pushed{}, err
 	}
-	if err := m.checkReferences(repo, man, mt); err != nil {
-		return Pushed{}, err
-	}
-	if err := m.store.PutManifest(cache.Manifest{Digest: d, MediaType: mt, Bytes: body, Origin: cache.OriginPushed}); err != nil {
-		return Pushed{}, storeErr(err)
-	}
-	if err := m.store.Link("", repo, d); err != nil {
-		return Pushed{}, err
-	}
 	p := Pushed{Digest: d, MediaType: mt, Tags: tags}
+	put := cache.ManifestPut{Repo: repo, Tags: tags, Local: true,
+		Manifest: cache.Manifest{Digest: d, MediaType: mt, Bytes: body, Origin: cache.OriginPushed}}
 	if man.Subject != nil {
 		p.Subject = man.Subject.Digest
-		desc, err := json.Marshal(referrerOf(man, mt, d, int64(len(body))))
-		if err != nil {
-			return Pushed{}, err
-		}
-		if err := m.store.PutReferrer("", repo, p.Subject, d, desc); err != nil {
+		if put.Referrer, err = json.Marshal(referrerOf(man, mt, d, int64(len(body)))); err != nil {
 			return Pushed{}, err
 		}
 	}
-	for _, tag := range tags {
-		if err := m.store.SetTag("", repo, tag, cache.Tag{Digest: d, FetchedAt: time.Now()}); err != nil {
-			return Pushed{}, err
-		}
+	if err := m.store.PutManifest(put); err != nil {
+		return Pushed{}, manifestErr(err)
 	}
 	return p, m.store.AddRepository(repo)
+}
+
+// manifestErr turns the store's verdict on a manifest's references into
+// push sentinels.
+func manifestErr(err error) error {
+	switch {
+	case errors.Is(err, cache.ErrRefUnknown):
+		return fmt.Errorf("%w: %v", ErrManifestBlobUnknown, err)
+	case errors.Is(err, cache.ErrRefSize), errors.Is(err, cache.ErrBadManifest), errors.Is(err, cache.ErrBadMediaType):
+		return fmt.Errorf("%w: %v", ErrManifestInvalid, err)
+	}
+	return storeErr(err)
 }
 
 // parseManifest checks that body is a manifest of a type slipway serves and
@@ -133,13 +126,9 @@ func parseManifest(contentType string, body []byte) (manifest, string, error) {
 	if err := json.Unmarshal(body, &man); err != nil {
 		return manifest{}, "", fmt.Errorf("%w: not valid JSON: %v", ErrManifestInvalid, err)
 	}
-	mt := ""
-	if contentType != "" {
-		t, _, err := mime.ParseMediaType(contentType)
-		if err != nil {
-			return manifest{}, "", fmt.Errorf("%w: Content-Type %q: %v", ErrManifestInvalid, contentType, err)
-		}
-		mt = t
+	mt, err := cache.MediaType(contentType)
+	if err != nil {
+		return manifest{}, "", fmt.Errorf("%w: Content-Type: %v", ErrManifestInvalid, err)
 	}
 	switch {
 	case mt == "":
@@ -191,67 +180,6 @@ func parseManifest(contentType string, body []byte) (manifest, string, error) {
 		}
 	}
 	return man, mt, nil
-}
-
-// checkReferences makes sure repo has everything man points at: its config
-// and layers (blobs), or its child manifests.
-func (m *Manager) checkReferences(repo string, man manifest, mt string) error {
-	if isIndexType(mt) {
-		for _, c := range man.Manifests {
-			if err := m.haveManifest(repo, c); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
-	if err := m.haveBlob(repo, *man.Config); err != nil {
-		return err
-	}
-	for _, l := range man.Layers {
-		if nonDistributable(l.MediaType) {
-			continue
-		}
-		if err := m.haveBlob(repo, l); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-func (m *Manager) haveBlob(repo string, desc descriptor) error {
-	linked, err := m.store.Linked("", repo, desc.Digest)
-	if err != nil {
-		return err
-	}
-	info, err := m.store.StatBlob(desc.Digest)
-	if !linked || errors.Is(err, cache.ErrNotFound) {
-		return fmt.Errorf("%w: blob %s", ErrManifestBlobUnknown, desc.Digest)
-	}
-	if err != nil {
-		return err
-	}
-	if info.Size != desc.Size {
-		return fmt.Errorf("%w: blob %s has %d bytes, the manifest says %d", ErrManifestInvalid, desc.Digest, info.Size, desc.Size)
-	}
-	return nil
-}
-
-func (m *Manager) haveManifest(repo string, desc descriptor) error {
-	linked, err := m.store.Linked("", repo, desc.Digest)
-	if err != nil {
-		return err
-	}
-	got, err := m.store.GetManifest(desc.Digest)
-	if !linked || errors.Is(err, cache.ErrNotFound) {
-		return fmt.Errorf("%w: manifest %s", ErrManifestBlobUnknown, desc.Digest)
-	}
-	if err != nil {
-		return err
-	}
-	if int64(len(got.Bytes)) != desc.Size {
-		return fmt.Errorf("%w: manifest %s has %d bytes, the index says %d", ErrManifestInvalid, desc.Digest, len(got.Bytes), desc.Size)
-	}
-	return nil
 }
 
 // referrerOf is the descriptor the referrers API lists for a manifest: its

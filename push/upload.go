@@ -106,9 +106,7 @@ func (m *Manager) linkBlob(repo string, d digest.Digest) error {
 
 // Source is where a cross-repository mount reads from: a repository under
 // its namespace ("" for a local one, else the upstream host).
-type Source struct {
-	NS, Repo string
-}
+type Source = cache.MountSource
 
 // Mount links blob d into repo without an upload, if the blob is stored and
 // from may read it (from nil: an anonymous mount, allowed for pushed blobs).
@@ -117,26 +115,11 @@ func (m *Manager) Mount(repo string, d digest.Digest, from *Source) (bool, error
 	if err := m.permit(repo); err != nil {
 		return false, err
 	}
-	f, info, err := m.store.OpenBlob(d)
-	if errors.Is(err, cache.ErrNotFound) {
-		return false, nil
-	}
-	if err != nil {
+	ok, err := m.store.Mount(repo, d, from)
+	if err != nil || !ok {
 		return false, err
 	}
-	f.Close()
-	if from == nil {
-		if info.Origin != cache.OriginPushed {
-			return false, nil
-		}
-	} else if ok, err := m.store.Linked(from.NS, from.Repo, d); err != nil || !ok {
-		return false, err
-	}
-	// A local repository references it now: pin it.
-	if err := m.store.PinBlob(d); err != nil {
-		return false, err
-	}
-	return true, m.linkBlob(repo, d)
+	return true, m.store.AddRepository(repo)
 }
 
 // storeErr turns cache errors about the content into push sentinels; the

@@ -25,6 +25,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/opencontainers/go-digest"
+
+	"slipway/cache"
 )
 
 // Sentinel errors. Every error a Client returns wraps one of them.
@@ -359,12 +361,19 @@ type Descriptor struct {
 	MediaType string
 }
 
-func descriptorOf(resp *http.Response) Descriptor {
-	d := Descriptor{Size: resp.ContentLength, MediaType: resp.Header.Get("Content-Type")}
+// descriptorOf reads a response's headers. A Content-Type that is not a
+// media type, or is too long to be one, is a bad response: it would be
+// stored and served as the manifest's.
+func descriptorOf(resp *http.Response) (Descriptor, error) {
+	mt, err := cache.MediaType(resp.Header.Get("Content-Type"))
+	if err != nil {
+		return Descriptor{}, fmt.Errorf("%w: Content-Type: %v", ErrBadResponse, err)
+	}
+	d := Descriptor{Size: resp.ContentLength, MediaType: mt}
 	if dg, err := digest.Parse(resp.Header.Get("Docker-Content-Digest")); err == nil {
 		d.Digest = dg
 	}
-	return d
+	return d, nil
 }
 
 // HeadManifest asks the upstream what repo:ref is, without downloading it.
@@ -375,7 +384,7 @@ func (c *Client) HeadManifest(ctx context.Context, repo, ref string, accept []st
 		return Descriptor{}, err
 	}
 	resp.Body.Close()
-	return descriptorOf(resp), nil
+	return descriptorOf(resp)
 }
 
 // GetManifest downloads repo:ref, at most MaxManifestSize bytes. The returned
@@ -387,7 +396,10 @@ func (c *Client) GetManifest(ctx context.Context, repo, ref string, accept []str
 		return Descriptor{}, nil, err
 	}
 	defer resp.Body.Close()
-	desc := descriptorOf(resp)
+	desc, err := descriptorOf(resp)
+	if err != nil {
+		return Descriptor{}, nil, err
+	}
 	if desc.Size > MaxManifestSize {
 		return Descriptor{}, nil, fmt.Errorf("%w: manifest of %d bytes (limit %d)", ErrTooLarge, desc.Size, MaxManifestSize)
 	}
@@ -416,7 +428,9 @@ func (c *Client) GetManifest(ctx context.Context, repo, ref string, accept []str
 	}
 	desc.Digest, desc.Size = got, int64(len(b))
 	if desc.MediaType == "" {
-		desc.MediaType = sniffMediaType(b)
+		if desc.MediaType, err = cache.MediaType(sniffMediaType(b)); err != nil {
+			return Descriptor{}, nil, fmt.Errorf("%w: mediaType: %v", ErrBadResponse, err)
+		}
 	}
 	return desc, b, nil
 }
@@ -428,9 +442,8 @@ func (c *Client) HeadBlob(ctx context.Context, repo string, d digest.Digest) (De
 		return Descriptor{}, err
 	}
 	resp.Body.Close()
-	desc := descriptorOf(resp)
-	desc.Digest = d
-	return desc, nil
+	// A blob's Content-Type says nothing slipway keeps.
+	return Descriptor{Digest: d, Size: resp.ContentLength}, nil
 }
 
 // GetBlob starts downloading blob d of repo. The caller closes the body and

@@ -239,10 +239,14 @@ func (p *Proxy) revalidate(ctx context.Context, repo, tag string, accept []strin
 		desc, err := p.up.HeadManifest(ctx, repo, tag, accept)
 		switch {
 		case err == nil && desc.Digest == cached.Digest:
-			if err := p.store.SetTag(p.ns(), repo, tag, cache.Tag{Digest: cached.Digest, FetchedAt: p.now()}); err != nil {
+			err := p.store.SetTag(p.ns(), repo, tag, cache.Tag{Digest: cached.Digest, FetchedAt: p.now()})
+			if err == nil {
+				return tagResult{cached, SourceRevalidated}, nil
+			}
+			if !errors.Is(err, cache.ErrNotFound) {
 				return tagResult{}, err
 			}
-			return tagResult{cached, SourceRevalidated}, nil
+			// Evicted since it was read: fetch it again.
 		case err == nil:
 			// The tag moved (or the upstream did not say where): fetch it.
 		case p.staleable(err):
@@ -265,7 +269,8 @@ func (p *Proxy) revalidate(ctx context.Context, repo, tag string, accept []strin
 	// everyone else.
 	broad := len(accept) == 0 || Acceptable(mediaTypeOCIIndex, accept) || Acceptable(mediaTypeDockerList, accept)
 	if broad || isIndex(m.MediaType) {
-		if err := p.store.SetTag(p.ns(), repo, tag, cache.Tag{Digest: m.Digest, FetchedAt: p.now()}); err != nil {
+		err := p.store.SetTag(p.ns(), repo, tag, cache.Tag{Digest: m.Digest, FetchedAt: p.now()})
+		if err != nil && !errors.Is(err, cache.ErrNotFound) { // evicted at once: served, not tagged
 			return tagResult{}, err
 		}
 	}
@@ -273,21 +278,18 @@ func (p *Proxy) revalidate(ctx context.Context, repo, tag string, accept []strin
 }
 
 // fetchManifest downloads repo:ref, stores it and links repo to it and to
-// everything it references.
+// everything it holds (not its subject: see cache.References).
 func (p *Proxy) fetchManifest(ctx context.Context, repo, ref string, accept []string) (cache.Manifest, error) {
 	desc, b, err := p.up.GetManifest(ctx, repo, ref, accept)
 	if err != nil {
 		return cache.Manifest{}, err
 	}
 	m := cache.Manifest{Digest: desc.Digest, MediaType: desc.MediaType, Bytes: b, Origin: cache.OriginPulled}
-	if err := p.store.PutManifest(m); err != nil {
-		return cache.Manifest{}, err
-	}
-	refs, err := cache.ManifestReferences(b)
-	if err != nil {
+	err = p.store.PutManifest(cache.ManifestPut{NS: p.ns(), Repo: repo, Manifest: m})
+	if errors.Is(err, cache.ErrBadManifest) || errors.Is(err, cache.ErrBadMediaType) {
 		return cache.Manifest{}, fmt.Errorf("%w: %v", ErrBadResponse, err)
 	}
-	if err := p.store.Link(p.ns(), repo, append(refs, m.Digest)...); err != nil {
+	if err != nil {
 		return cache.Manifest{}, err
 	}
 	return m, nil

@@ -9,20 +9,26 @@ import (
 	"slipway/cache"
 )
 
-// slipway gc: remove blobs no manifest references any more, from a stopped
-// server's data directory. The running server does it every hour, and on
+// slipway gc: remove manifests and blobs nothing references any more
+// (see cache/live.go), from a stopped server's data directory. The running server does it every hour, and on
 // POST /v2/_slipway/gc.
 func gcCmd(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("gc", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	dataDir := fs.String("data-dir", "./slipway-data", "the data directory of a stopped slipway")
 	dry := fs.Bool("dry-run", false, "list what would be removed, remove nothing")
-	grace := fs.Duration("gc-grace", 24*time.Hour, "keep unreferenced blobs stored or used more recently than this")
+	grace := fs.Duration("gc-grace", 24*time.Hour, "keep what nothing references when it was stored or used more recently than this")
+	var minG time.Duration
+	gcMinGraceFlag(fs, &minG)
 	logLevel := fs.String("log-level", "warn", "log level: debug, info, warn, error")
 	if code, ok := parseToolFlags(fs, args, stderr); !ok {
 		return code
 	}
-	store, log, code := openOffline(*dataDir, *logLevel, stderr)
+	if minG > 0 && *grace < minG {
+		fmt.Fprintf(stderr, "slipway gc: --gc-grace %s is under --gc-min-grace %s\n", *grace, minG)
+		return 2
+	}
+	store, log, code := openOffline(*dataDir, *logLevel, stderr, func(o *cache.Options) { o.MinGCGrace = minGrace(minG) })
 	if store == nil {
 		return code
 	}
@@ -40,7 +46,8 @@ func gcCmd(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, d)
 	}
 	st := store.Stats()
-	fmt.Fprintf(stdout, "gc %s %d blobs (%s) in %s; %d blobs (%s) stored\n", verb, r.Blobs, sizeText(r.Bytes),
-		r.Dur.Round(time.Millisecond), st.Blobs, sizeText(st.Bytes))
+	fmt.Fprintf(stdout, "gc %s %d blobs (%s), %d manifests (%s) and %d links in %s; %d blobs (%s) and %d manifests (%s) stored\n",
+		verb, r.Blobs, sizeText(r.Bytes), r.Manifests, sizeText(r.ManifestBytes), r.Links,
+		r.Dur.Round(time.Millisecond), st.Blobs, sizeText(st.BlobBytes), st.Manifests, sizeText(st.ManifestBytes))
 	return 0
 }

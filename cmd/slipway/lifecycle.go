@@ -23,6 +23,7 @@ type lifecycleConfig struct {
 	highWatermark float64
 	pin           string
 	gcGrace       time.Duration
+	gcMinGrace    time.Duration
 }
 
 func (l *lifecycleConfig) register(fs *flag.FlagSet) {
@@ -30,14 +31,32 @@ func (l *lifecycleConfig) register(fs *flag.FlagSet) {
 	fs.Float64Var(&l.lowWatermark, "low-watermark", 0.90, "eviction frees space down to this fraction of --max-size")
 	fs.Float64Var(&l.highWatermark, "high-watermark", 0.95, "eviction starts when blobs pass this fraction of --max-size")
 	fs.StringVar(&l.pin, "pin", "", "comma-separated images never evicted: upstream/repo:tag patterns (docker.io/library/golang:*), upstream/repo, or a whole upstream")
-	fs.DurationVar(&l.gcGrace, "gc-grace", 24*time.Hour, "keep a blob no manifest references for this long before GC removes it")
+	fs.DurationVar(&l.gcGrace, "gc-grace", 24*time.Hour, "keep a blob or manifest nothing references for this long after its last use before GC removes it")
+	gcMinGraceFlag(fs, &l.gcMinGrace)
+}
+
+// gcMinGraceFlag declares --gc-min-grace, for serve and gc.
+func gcMinGraceFlag(fs *flag.FlagSet, p *time.Duration) {
+	fs.DurationVar(p, "gc-min-grace", time.Hour, "the shortest GC grace accepted (--gc-grace, ?grace=): a shorter one removes the layers of pushes whose manifest has not arrived yet; 0: no minimum")
+}
+
+// minGrace maps --gc-min-grace to cache.Options.MinGCGrace: 0 there is
+// the default, here it is "none".
+func minGrace(d time.Duration) time.Duration {
+	if d <= 0 {
+		return -1
+	}
+	return d
 }
 
 // storeOptions turns the flags into the store's options. Pins name
 // upstreams as the config does (name, alias or host); the store knows them
 // by host.
 func (l *lifecycleConfig) storeOptions(c *serveConfig, log *slog.Logger) (cache.Options, error) {
-	o := cache.Options{Logger: log, GCGrace: l.gcGrace}
+	o := cache.Options{Logger: log, GCGrace: l.gcGrace, MinGCGrace: minGrace(l.gcMinGrace)}
+	if l.gcMinGrace > 0 && l.gcGrace < l.gcMinGrace {
+		return o, fmt.Errorf("--gc-grace %s is under --gc-min-grace %s", l.gcGrace, l.gcMinGrace)
+	}
 	if !(l.lowWatermark > 0 && l.lowWatermark <= l.highWatermark && l.highWatermark <= 1) {
 		return o, fmt.Errorf("watermarks: want 0 < --low-watermark (%g) <= --high-watermark (%g) <= 1", l.lowWatermark, l.highWatermark)
 	}

@@ -103,12 +103,16 @@ func TestVerifyAndGCCommands(t *testing.T) {
 		t.Fatalf("verify after removal: exit %d\n%s", code, out)
 	}
 
-	code, out, errOut = runOnce(t, nil, "gc", "--data-dir", dir, "--dry-run", "--gc-grace", "1ns")
+	// A grace under the minimum is refused, unless the minimum is lowered.
+	if code, out, errOut := runOnce(t, nil, "gc", "--data-dir", dir, "--gc-grace", "1ns"); code != 2 || !strings.Contains(errOut, "--gc-min-grace") {
+		t.Fatalf("gc --gc-grace 1ns: exit %d\n%s%s", code, out, errOut)
+	}
+	code, out, errOut = runOnce(t, nil, "gc", "--data-dir", dir, "--dry-run", "--gc-grace", "1ns", "--gc-min-grace", "0")
 	if code != 0 || !strings.Contains(out, "would remove 1 blobs") {
 		t.Fatalf("gc --dry-run: exit %d\n%s%s", code, out, errOut)
 	}
-	code, out, errOut = runOnce(t, nil, "gc", "--data-dir", dir, "--gc-grace", "1ns")
-	if code != 0 || !strings.Contains(out, "removed 1 blobs") || !strings.Contains(out, "0 blobs (0 B) stored") {
+	code, out, errOut = runOnce(t, nil, "gc", "--data-dir", dir, "--gc-grace", "1ns", "--gc-min-grace", "0")
+	if code != 0 || !strings.Contains(out, "removed 1 blobs") || !strings.Contains(out, "0 blobs (0 B) and 0 manifests (0 B) stored") {
 		t.Fatalf("gc: exit %d\n%s%s", code, out, errOut)
 	}
 	if code, _, _ := runOnce(t, nil, "verify", "--data-dir", filepath.Join(dir, "nope")); code != 1 {

@@ -91,7 +91,7 @@ func parseToolFlags(fs *flag.FlagSet, args []string, stderr io.Writer) (int, boo
 
 // openOffline opens a data directory with no background work (recovery
 // still runs). A running server holds the index's lock: say what to do.
-func openOffline(dir, level string, stderr io.Writer) (*cache.Store, *slog.Logger, int) {
+func openOffline(dir, level string, stderr io.Writer, tweaks ...func(*cache.Options)) (*cache.Store, *slog.Logger, int) {
 	log, err := newLogger("text", level, stderr)
 	if err != nil {
 		fmt.Fprintln(stderr, "slipway:", err)
@@ -101,7 +101,11 @@ func openOffline(dir, level string, stderr io.Writer) (*cache.Store, *slog.Logge
 		fmt.Fprintln(stderr, "slipway:", err)
 		return nil, nil, 1
 	}
-	store, err := cache.Open(dir, cache.Options{Logger: log, GCEvery: -1, MaintenanceInterval: time.Hour})
+	o := cache.Options{Logger: log, GCEvery: -1, MaintenanceInterval: time.Hour}
+	for _, tw := range tweaks {
+		tw(&o)
+	}
+	store, err := cache.Open(dir, o)
 	if err != nil {
 		if strings.Contains(err.Error(), "LOCK") || strings.Contains(err.Error(), "lock") {
 			fmt.Fprintf(stderr, "slipway: %s is in use (is slipway serve running? use its POST /v2/_slipway/verify or /v2/_slipway/gc): %v\n", dir, err)
