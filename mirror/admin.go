@@ -13,11 +13,25 @@ import (
 // Admin endpoints of the cache lifecycle, under /v2/_slipway/ (a name the
 // distribution grammar cannot produce, so no repository shadows them). They
 // answer JSON, and go through the same authentication as everything else.
+// The ones that remove content (gc, verify) need a user whose pushes are
+// not limited; without authentication, an operator who said so
+// (Config.OpenAdmin), or they are refused.
 
 func (s *Server) adminRoutes(e *echo.Echo) {
 	e.GET("/v2/_slipway/stats", s.getStats)
-	e.POST("/v2/_slipway/verify", s.postVerify)
-	e.POST("/v2/_slipway/gc", s.postGC)
+	e.POST("/v2/_slipway/verify", s.postVerify, s.destructive)
+	e.POST("/v2/_slipway/gc", s.postGC, s.destructive)
+}
+
+// destructive refuses calls that remove content when nobody authenticates
+// clients and the operator did not open them to everyone.
+func (s *Server) destructive(next echo.HandlerFunc) echo.HandlerFunc {
+	return func(c echo.Context) error {
+		if s.auth == nil && !s.openAdmin {
+			return newError(codeDenied, "maintenance calls that remove content need --htpasswd (or --open-admin, to let anyone who can reach the mirror call them)")
+		}
+		return next(c)
+	}
 }
 
 type statsBody struct {

@@ -31,14 +31,25 @@ type lifeEnv struct {
 	clock *fakeClock
 }
 
-func newLifeEnv(t *testing.T, o cache.Options) *lifeEnv {
+func newLifeEnv(t *testing.T, o cache.Options, tweaks ...func(*Config)) *lifeEnv {
 	t.Helper()
 	e := &lifeEnv{up: newFakeUpstream(t), dir: t.TempDir(), clock: &fakeClock{t: time.Unix(1_800_000_000, 0)}}
 	log := slog.New(slog.DiscardHandler)
 	if os.Getenv("SLIPWAY_TEST_LOG") != "" {
 		log = slog.New(slog.NewTextHandler(os.Stderr, nil))
 	}
-	o.Logger, o.Now, o.MaintenanceInterval, o.GCEvery = log, e.clock.Now, time.Hour, -1
+	// Passes run when the test asks, on the test's clock, unless it says
+	// otherwise.
+	o.Logger = log
+	if o.Now == nil {
+		o.Now = e.clock.Now
+	}
+	if o.MaintenanceInterval == 0 {
+		o.MaintenanceInterval = time.Hour
+	}
+	if o.GCEvery == 0 {
+		o.GCEvery = -1
+	}
 	st, err := cache.Open(e.dir, o)
 	if err != nil {
 		t.Fatal(err)
@@ -54,7 +65,11 @@ func newLifeEnv(t *testing.T, o cache.Options) *lifeEnv {
 	if err != nil {
 		t.Fatal(err)
 	}
-	s, err := New(Config{Store: st, Upstreams: []Upstream{{Proxy: p}}, Logger: log, Push: pm})
+	cfg := Config{Store: st, Upstreams: []Upstream{{Proxy: p}}, Logger: log, Push: pm}
+	for _, tw := range tweaks {
+		tw(&cfg)
+	}
+	s, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -162,7 +177,7 @@ func TestNoSpaceFillAndPush(t *testing.T) {
 // A flipped byte: verify over HTTP finds it and removes the blob, and the
 // next pull fills it from the upstream again.
 func TestCorruptionRefilledAfterVerify(t *testing.T) {
-	e := newLifeEnv(t, cache.Options{})
+	e := newLifeEnv(t, cache.Options{}, func(c *Config) { c.OpenAdmin = true })
 	b := randomBytes(t, 10000)
 	d := e.up.pushBlobTo(t, "lib/app", b)
 	e.pullBlob(t, "lib/app", d, b)

@@ -102,12 +102,29 @@ func (s *Server) getBlob(c echo.Context, r route) error {
 	if t.local {
 		return s.getLocalBlob(c, t.repo, r)
 	}
-	b, err := t.up.Proxy.Blob(c.Request().Context(), t.repo, r.digest)
+	ctx := c.Request().Context()
+	b, err := t.up.Proxy.Blob(ctx, t.repo, r.digest)
 	if err != nil {
 		return err
 	}
-	defer b.Close()
+	defer func() { b.Close() }()
 	setSource(c, b.Source)
+	if b.File == nil && b.Size < 0 && !c.Request().ProtoAtLeast(1, 1) {
+		// Without a Content-Length an HTTP/1.0 body ends when the
+		// connection closes, so a client cannot tell a fill cut off on a
+		// wrong digest from a whole blob. It gets the blob once it is
+		// verified and stored, with its length, or an error.
+		if _, err := io.Copy(io.Discard, b.Reader); err != nil {
+			return err
+		}
+		b.Close()
+		if b, err = t.up.Proxy.Blob(ctx, t.repo, r.digest); err != nil {
+			return err
+		}
+		if b.File == nil && b.Size < 0 { // evicted at once and filling again
+			return newError(codeUnavailable, "the blob is being fetched again; try again")
+		}
+	}
 	if b.File != nil {
 		serveBlobFile(c, r.digest, b.File)
 		return nil

@@ -46,6 +46,9 @@ type Config struct {
 	Push *push.Manager
 	// Auth checks client credentials; nil: no authentication.
 	Auth *Auth
+	// OpenAdmin lets anyone call the admin calls that remove content (gc,
+	// verify) when Auth is nil; otherwise they are refused.
+	OpenAdmin bool
 	// Fills, if set, is read for the fills-in-flight gauge.
 	Fills *upstream.Filler
 	// StoreStats, if set, is read at scrape time for disk, eviction and
@@ -63,6 +66,7 @@ type Server struct {
 	push      *push.Manager
 	log       *slog.Logger
 	auth      *Auth
+	openAdmin bool
 	metrics   *metrics
 	draining  atomic.Bool
 }
@@ -84,7 +88,7 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Store == nil {
 		return nil, errors.New("mirror: no store")
 	}
-	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, push: cfg.Push, log: cfg.Logger, auth: cfg.Auth}
+	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, push: cfg.Push, log: cfg.Logger, auth: cfg.Auth, openAdmin: cfg.OpenAdmin}
 	s.metrics = newMetrics(s, cfg.Fills, cfg.StoreStats)
 	for i := range s.upstreams {
 		u := &s.upstreams[i]

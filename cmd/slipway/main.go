@@ -90,6 +90,7 @@ type serveConfig struct {
 	tlsKey          string
 	htpasswd        string
 	anonymousPull   bool
+	openAdmin       bool
 	readHeader      time.Duration
 	bodyStall       time.Duration
 	sendStall       time.Duration
@@ -123,6 +124,7 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.StringVar(&c.tlsKey, "tls-key", "", "TLS private key file (PEM)")
 	fs.StringVar(&c.htpasswd, "htpasswd", "", "htpasswd file with bcrypt entries (htpasswd -B): clients must log in to push")
 	fs.BoolVar(&c.anonymousPull, "anonymous-pull", true, "with --htpasswd, let clients without credentials pull")
+	fs.BoolVar(&c.openAdmin, "open-admin", false, "without --htpasswd, let anyone who can reach the mirror call the admin calls that remove content (POST /v2/_slipway/gc, /v2/_slipway/verify)")
 	fs.DurationVar(&c.readHeader, "read-header-timeout", 10*time.Second, "close a connection whose request headers take longer than this to arrive")
 	fs.DurationVar(&c.bodyStall, "body-stall-timeout", time.Minute, "cut off a request body (a push) that brings less than 4 KiB in this long; 0: never")
 	fs.DurationVar(&c.sendStall, "send-stall-timeout", time.Minute, "drop a client that takes in less than 256 KiB of a response in this long (it stopped reading); 0: never")
@@ -275,6 +277,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 		Logger:     log,
 		Push:       pushes,
 		Auth:       auth,
+		OpenAdmin:  c.openAdmin,
 		Fills:      fills,
 		StoreStats: storeStats(store),
 	})
