@@ -74,12 +74,20 @@ func (u *slowBlobs) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
+// crashImage is an image a push acknowledged: its manifest and blobs.
+type crashImage struct {
+	manifest []byte
+	blobs    map[digest.Digest][]byte
+}
+
 // TestCrashRecovery kills slipway with SIGKILL at random moments while
-// clients pull (fills) and push, at least 50 times. After each kill the
-// data directory must verify clean once reopened, every blob that had been
-// acknowledged (a 201 for a push, a complete 200 for a pull) must be stored,
-// every acknowledged push must still be served, and no client ever got a
-// complete 200 with wrong bytes.
+// clients pull (fills), push images (blobs, then a manifest) and delete
+// some, and while GC (with a grace of a few hundred milliseconds) and
+// eviction (on a budget far under what is pulled) run, at least 50 times.
+// After each kill the data directory must verify clean once reopened,
+// every image that had been acknowledged (a 201 for its manifest) and not
+// deleted must still be served whole, and no client ever got a complete
+// 200 with wrong bytes.
 func TestCrashRecovery(t *testing.T) {
 	if testing.Short() {
 		t.Skip("-short")
@@ -89,49 +97,51 @@ func TestCrashRecovery(t *testing.T) {
 	up, upURL := newSlowBlobs(t, 400, 48<<10)
 	dir := t.TempDir()
 	var mu sync.Mutex
-	pushed := map[digest.Digest][]byte{} // acknowledged pushes, all iterations
-	checked := map[digest.Digest]bool{}  // served after a restart already
-	var pulled []digest.Digest           // acknowledged pulls, this iteration
+	pushed := map[digest.Digest]crashImage{} // acknowledged, not deleted: all iterations
+	checked := map[digest.Digest]bool{}      // served after a restart already
 	start := time.Now()
 	next := 0
-	var kills, acks, partial int
+	var kills, acks, partial, deletes, gcs int
 	for it := range iterations {
-		if time.Since(start) > 60*time.Second {
+		if time.Since(start) > 90*time.Second {
 			t.Fatalf("only %d iterations in %s", it, time.Since(start))
 		}
 		addr := freeAddr(t)
 		p := start2(t, bin, addr, upURL, dir)
 		// What was pushed before the last kill is served, and a sample
 		// of what was pushed before the earlier ones.
-		check := map[digest.Digest][]byte{}
-		for d, b := range pushed {
+		check := map[digest.Digest]crashImage{}
+		for d, img := range pushed {
 			if !checked[d] || len(check) < 20 {
-				check[d] = b
+				check[d] = img
 			}
 		}
-		for d, b := range check {
+		for d, img := range check {
 			checked[d] = true
-			resp, err := http.Get("http://" + addr + "/v2/local/crash/blobs/" + string(d))
-			if err != nil {
-				t.Fatal(err)
-			}
-			got, err := io.ReadAll(resp.Body)
-			resp.Body.Close()
-			if resp.StatusCode != 200 || err != nil || !bytes.Equal(got, b) {
-				t.Fatalf("iteration %d: acknowledged push %s: status %d, %d bytes, %v", it, d, resp.StatusCode, len(got), err)
+			if err := pullImage(addr, d, img); err != nil {
+				t.Fatalf("iteration %d: acknowledged image %s: %v", it, d, err)
 			}
 		}
 
 		ctx, cancel := context.WithCancel(context.Background())
 		var wg sync.WaitGroup
-		pulled = pulled[:0]
-		for w := range 4 {
+		for w := range 5 {
 			wg.Add(1)
 			go func() {
 				defer wg.Done()
 				client := &http.Client{Timeout: 5 * time.Second}
 				for i := 0; ctx.Err() == nil; i++ {
-					if (w+i)%2 == 0 {
+					switch {
+					case w == 4: // maintenance: GC now and then, eviction runs by itself
+						time.Sleep(time.Duration(5+mrand.IntN(20)) * time.Millisecond)
+						req, _ := http.NewRequestWithContext(ctx, "POST", "http://"+addr+"/v2/_slipway/gc?grace=300ms", nil)
+						if resp, err := client.Do(req); err == nil {
+							resp.Body.Close()
+							mu.Lock()
+							gcs++
+							mu.Unlock()
+						}
+					case (w+i)%3 == 0:
 						mu.Lock()
 						d := up.order[next%len(up.order)]
 						next++
@@ -142,24 +152,40 @@ func TestCrashRecovery(t *testing.T) {
 							partial++
 						}
 						if ok {
-							pulled = append(pulled, d)
 							acks++
 						}
 						mu.Unlock()
-						continue
-					}
-					b := make([]byte, 16<<10+mrand.IntN(32<<10))
-					rand.Read(b)
-					if pushOnce(ctx, client, addr, b) {
+					case (w+i)%7 == 1:
+						// Delete an acknowledged image: from here on it
+						// may be gone, whether the 202 arrives or not.
 						mu.Lock()
-						pushed[digest.FromBytes(b)] = b
-						acks++
+						var d digest.Digest
+						for d = range pushed {
+							break
+						}
+						delete(pushed, d)
 						mu.Unlock()
+						if d != "" {
+							req, _ := http.NewRequestWithContext(ctx, "DELETE", "http://"+addr+"/v2/local/crash/manifests/"+string(d), nil)
+							if resp, err := client.Do(req); err == nil {
+								resp.Body.Close()
+								mu.Lock()
+								deletes++
+								mu.Unlock()
+							}
+						}
+					default:
+						if d, img, ok := pushImageOnce(ctx, client, addr); ok {
+							mu.Lock()
+							pushed[d] = img
+							acks++
+							mu.Unlock()
+						}
 					}
 				}
 			}()
 		}
-		time.Sleep(time.Duration(20+mrand.IntN(120)) * time.Millisecond)
+		time.Sleep(time.Duration(20+mrand.IntN(200)) * time.Millisecond)
 		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 		<-p.done
 		kills++
@@ -169,12 +195,15 @@ func TestCrashRecovery(t *testing.T) {
 			t.Fatalf("iteration %d: a client got a complete 200 with wrong bytes", it)
 		}
 
-		// Every acknowledged blob has its file: a restart keeps it (an
-		// entry missing is adopted, since the file verifies).
+		// Every blob of an acknowledged image has its file: a restart
+		// keeps it (an entry missing is adopted, since the file
+		// verifies).
 		mu.Lock()
-		for _, d := range append(append([]digest.Digest{}, pulled...), keys(pushed)...) {
-			if _, err := os.Stat(filepath.Join(dir, "blobs", "sha256", d.Encoded()[:2], d.Encoded())); err != nil {
-				t.Fatalf("iteration %d: acknowledged blob %s lost: %v", it, d, err)
+		for _, img := range pushed {
+			for d := range img.blobs {
+				if _, err := os.Stat(filepath.Join(dir, "blobs", "sha256", d.Encoded()[:2], d.Encoded())); err != nil {
+					t.Fatalf("iteration %d: blob %s of an acknowledged image lost: %v", it, d, err)
+				}
 			}
 		}
 		mu.Unlock()
@@ -188,7 +217,71 @@ func TestCrashRecovery(t *testing.T) {
 			t.Fatalf("iteration %d: verify after the kill: %+v %v", it, r.Problems, err)
 		}
 	}
-	t.Logf("%d kills, %d acknowledged requests, %d pushes kept, %s", kills, acks, len(pushed), time.Since(start).Round(time.Millisecond))
+	if gcs == 0 || deletes == 0 {
+		t.Errorf("%d GC passes and %d deletes ran: the crashes did not cover them", gcs, deletes)
+	}
+	t.Logf("%d kills, %d acknowledged requests, %d deletes, %d GC passes, %d images kept, %s",
+		kills, acks, deletes, gcs, len(pushed), time.Since(start).Round(time.Millisecond))
+}
+
+// pullImage GETs manifest d of local/crash and every blob of img.
+func pullImage(addr string, d digest.Digest, img crashImage) error {
+	get := func(path string) ([]byte, error) {
+		resp, err := http.Get("http://" + addr + "/v2/local/crash/" + path)
+		if err != nil {
+			return nil, err
+		}
+		defer resp.Body.Close()
+		b, err := io.ReadAll(resp.Body)
+		if resp.StatusCode != 200 || err != nil {
+			return nil, fmt.Errorf("GET %s: status %d, %v", path, resp.StatusCode, err)
+		}
+		return b, nil
+	}
+	b, err := get("manifests/" + string(d))
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(b, img.manifest) {
+		return fmt.Errorf("manifest %s: other bytes", d)
+	}
+	for bd, want := range img.blobs {
+		b, err := get("blobs/" + string(bd))
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(b, want) {
+			return fmt.Errorf("blob %s: %d wrong bytes", bd, len(b))
+		}
+	}
+	return nil
+}
+
+// pushImageOnce pushes a config and a layer to local/crash, then a
+// manifest of them by digest; ok is its 201.
+func pushImageOnce(ctx context.Context, c *http.Client, addr string) (digest.Digest, crashImage, bool) {
+	config := []byte(fmt.Sprintf(`{"architecture":"amd64","os":"linux","n":%d}`, mrand.Uint64()))
+	layer := make([]byte, 16<<10+mrand.IntN(32<<10))
+	rand.Read(layer)
+	img := crashImage{blobs: map[digest.Digest][]byte{digest.FromBytes(config): config, digest.FromBytes(layer): layer}}
+	for _, b := range [][]byte{config, layer} {
+		if !pushOnce(ctx, c, addr, b) {
+			return "", img, false
+		}
+	}
+	img.manifest = []byte(fmt.Sprintf(`{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json",`+
+		`"config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":%q,"size":%d},`+
+		`"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":%q,"size":%d}]}`,
+		digest.FromBytes(config), len(config), digest.FromBytes(layer), len(layer)))
+	d := digest.FromBytes(img.manifest)
+	req, _ := http.NewRequestWithContext(ctx, "PUT", "http://"+addr+"/v2/local/crash/manifests/"+string(d), bytes.NewReader(img.manifest))
+	req.Header.Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+	resp, err := c.Do(req)
+	if err != nil {
+		return "", img, false
+	}
+	resp.Body.Close()
+	return d, img, resp.StatusCode == http.StatusCreated
 }
 
 func keys(m map[digest.Digest][]byte) []digest.Digest {
@@ -224,7 +317,10 @@ func plainBinary(t *testing.T) string {
 func start2(t *testing.T, bin, addr, upURL, dir string) *proc {
 	t.Helper()
 	p := startCmd(t, nil, bin, "serve", "--listen", addr, "--upstream", upURL, "--data-dir", dir,
-		"--log-level", "error", "--push-prefix", "local")
+		"--log-level", "error", "--push-prefix", "local",
+		// Eviction and GC run during the crashes: a budget of a few pulls,
+		// and GC calls with a short grace.
+		"--max-size", "2MB", "--low-watermark", "0.5", "--open-admin", "--gc-min-grace", "0")
 	p.waitReady(t, addr)
 	return p
 }
