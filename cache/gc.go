@@ -31,7 +31,8 @@ type GCReport struct {
 	Bytes         int64         `json:"bytes"`
 	Manifests     int           `json:"manifests"`
 	ManifestBytes int64         `json:"manifest_bytes"`
-	Links         int           `json:"links"` // links that named nothing stored or held any more
+	Links         int           `json:"links"`   // links that named nothing stored or held any more
+	Fetched       int           `json:"fetched"` // tag lists and referrers indexes of what is gone
 	Accesses      int           `json:"stale_access_entries"`
 	Dur           time.Duration `json:"duration_ns"`
 	Removed       []string      `json:"removed,omitempty"`
@@ -110,6 +111,13 @@ func (s *Store) GC(o GCOptions) (GCReport, error) {
 	if !o.DryRun {
 		n, err := s.pruneLinks()
 		r.Links = n
+		if err != nil {
+			return r, err
+		}
+	}
+	if !o.DryRun {
+		n, err := s.pruneFetched(cutoff)
+		r.Fetched = n
 		if err != nil {
 			return r, err
 		}

@@ -351,3 +351,60 @@ func TestEvictionSeesAccessTimesStillBeingFlushed(t *testing.T) {
 		t.Error("the least recently used blob was not evicted")
 	}
 }
+
+// Tag lists and referrers indexes fetched from an upstream have a
+// lifecycle too: GC drops them once their repository (or the subject in
+// it) holds nothing any more and they are older than the grace.
+func TestGCDropsFetchedListsOfWhatIsGone(t *testing.T) {
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	s := openLife(t, t.TempDir(), Options{Now: clk.Now, GCGrace: time.Hour})
+	const ns = "up.example"
+	man := []byte(`{"schemaVersion":2}`)
+	md := digest.FromBytes(man)
+	if err := s.PutManifest(ManifestPut{NS: ns, Repo: "kept", Manifest: Manifest{Digest: md, MediaType: ociManifest, Bytes: man, Origin: OriginPulled}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetTag(ns, "kept", "v1", Tag{Digest: md, FetchedAt: clk.Now()}); err != nil {
+		t.Fatal(err)
+	}
+	for _, repo := range []string{"kept", "gone"} {
+		if err := s.SetTagList(ns, repo, []string{"v1", "not a tag", "v2"}, clk.Now()); err != nil {
+			t.Fatal(err)
+		}
+		for _, subject := range []digest.Digest{md, digest.FromString("nothing")} {
+			if err := s.SetReferrers(ns, repo, subject, []byte("[]"), clk.Now()); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if tags, _, err := s.TagList(ns, "kept"); err != nil || !slices.Equal(tags, []string{"v1", "v2"}) {
+		t.Fatalf("TagList = %v, %v", tags, err)
+	}
+	if _, err := s.GC(GCOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.TagList(ns, "gone"); err != nil {
+		t.Fatal("a fresh tag list was dropped")
+	}
+	clk.Add(2 * time.Hour)
+	if _, err := s.GC(GCOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := s.TagList(ns, "kept"); err != nil {
+		t.Errorf("the tag list of a repository that holds a tag: %v", err)
+	}
+	if _, _, err := s.TagList(ns, "gone"); !errors.Is(err, ErrNotFound) {
+		t.Errorf("the tag list of a repository that holds nothing: %v", err)
+	}
+	if _, _, err := s.CachedReferrers(ns, "kept", md); err != nil {
+		t.Errorf("the referrers of a subject its repository links: %v", err)
+	}
+	for _, c := range []struct {
+		repo    string
+		subject digest.Digest
+	}{{"kept", digest.FromString("nothing")}, {"gone", md}} {
+		if _, _, err := s.CachedReferrers(ns, c.repo, c.subject); !errors.Is(err, ErrNotFound) {
+			t.Errorf("referrers of %s in %s: %v, want dropped", c.subject, c.repo, err)
+		}
+	}
+}

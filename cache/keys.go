@@ -25,6 +25,8 @@ import (
 //	'n' repo                                  -> created at, unix nanos (a local repository exists)
 //	'r' ns 0x00 repo 0x00 subject 0x00 digest -> descriptor JSON (digest refers to subject)
 //	'a' digest                                -> last use, unix nanos (batched, see Touch)
+//	'g' ns 0x00 repo                          -> tagListValue (FetchedAt, an upstream's tag list)
+//	'f' ns 0x00 repo 0x00 subject             -> fetchedValue (FetchedAt, an upstream's referrers index)
 //	'R' digest 0x00 'h' 0x00 manifest         -> empty: manifest holds digest (config, layer, child)
 //	'R' digest 0x00 'l' 0x00 ns 0x00 repo     -> empty: the mirror of an 'l' key
 //	'R' digest 0x00 't' 0x00 ns 0x00 repo 0x00 tag -> empty: the mirror of a 't' key
@@ -54,6 +56,8 @@ const (
 	prefixAccess   = 'a'
 	prefixRef      = 'R'
 	prefixVersion  = 'v'
+	prefixTagList  = 'g'
+	prefixRefIndex = 'f'
 )
 
 // What an 'R' key says refers to its digest.
@@ -87,6 +91,12 @@ func keyReferrerPrefix(ns, repo string, subject digest.Digest) []byte {
 	return append(join(prefixReferrer, ns, repo, string(subject)), 0)
 }
 func keyVersion() []byte { return []byte{prefixVersion} }
+func keyTagList(ns, repo string) []byte {
+	return join(prefixTagList, ns, repo)
+}
+func keyRefIndex(ns, repo string, subject digest.Digest) []byte {
+	return join(prefixRefIndex, ns, repo, string(subject))
+}
 
 // keyBlobsOf is the prefix of the 'b' keys of one digest algorithm.
 func keyBlobsOf(alg digest.Algorithm) []byte { return join(prefixBlob, string(alg)+":") }
@@ -287,6 +297,48 @@ func decodeTag(v []byte) (Tag, error) {
 		FetchedAt: time.Unix(0, int64(binary.BigEndian.Uint64(v[:8]))),
 		Digest:    digest.Digest(v[8:]),
 	}, nil
+}
+
+// tagListValue: FetchedAt, unix nanos (8) | tags, each ended by '\n'
+// (a tag cannot hold one).
+func encodeTagList(tags []string, at time.Time) []byte {
+	n := 8
+	for _, t := range tags {
+		n += len(t) + 1
+	}
+	v := binary.BigEndian.AppendUint64(make([]byte, 0, n), uint64(at.UnixNano()))
+	for _, t := range tags {
+		v = append(append(v, t...), '\n')
+	}
+	return v
+}
+
+func decodeTagList(v []byte) ([]string, time.Time, error) {
+	if len(v) < 8 {
+		return nil, time.Time{}, errCorruptValue
+	}
+	at := time.Unix(0, int64(binary.BigEndian.Uint64(v[:8])))
+	tags := []string{}
+	for rest := v[8:]; len(rest) > 0; {
+		i := bytes.IndexByte(rest, '\n')
+		if i < 0 {
+			return nil, time.Time{}, errCorruptValue
+		}
+		tags, rest = append(tags, string(rest[:i])), rest[i+1:]
+	}
+	return tags, at, nil
+}
+
+// fetchedValue: FetchedAt, unix nanos (8) | the bytes as fetched.
+func encodeFetched(b []byte, at time.Time) []byte {
+	return append(binary.BigEndian.AppendUint64(make([]byte, 0, 8+len(b)), uint64(at.UnixNano())), b...)
+}
+
+func decodeFetched(v []byte) ([]byte, time.Time, error) {
+	if len(v) < 8 {
+		return nil, time.Time{}, errCorruptValue
+	}
+	return bytes.Clone(v[8:]), time.Unix(0, int64(binary.BigEndian.Uint64(v[:8]))), nil
 }
 
 // accessValue and repoValue: unix nanos (8).

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -45,13 +46,11 @@ type ManifestPut struct {
 	// or mounted there, and still stored as pushed content), with the size
 	// the manifest gives (else ErrRefUnknown, ErrRefSize).
 	Local bool
-	// Referrer, for a manifest with a subject, is its descriptor as the
-	// referrers API lists it (JSON).
-	Referrer []byte
 }
 
 // PutManifest stores p.Manifest, keyed by its digest (verified here), with
-// its links, tags and referrer entry. Storing the same digest again keeps
+// its links, tags and, if it has a subject, its entry in the subject's
+// referrers list of the repository. Storing the same digest again keeps
 // the stored bytes, except that pushed wins over pulled. Either all of it
 // is written or none.
 func (s *Store) PutManifest(p ManifestPut) error {
@@ -77,6 +76,12 @@ func (s *Store) PutManifest(p ManifestPut) error {
 	value, err := encodeManifest(m)
 	if err != nil {
 		return err
+	}
+	var referrer []byte
+	if _, desc, ok := Referrer(m); ok && p.Repo != "" {
+		if referrer, err = json.Marshal(desc); err != nil {
+			return err
+		}
 	}
 	locked := []string{string(m.Digest)}
 	if p.Local {
@@ -136,8 +141,8 @@ func (s *Store) PutManifest(p ManifestPut) error {
 				return err
 			}
 		}
-		if p.Referrer != nil && subject != "" {
-			return txn.Set(keyReferrer(p.NS, p.Repo, subject, m.Digest), p.Referrer)
+		if referrer != nil {
+			return txn.Set(keyReferrer(p.NS, p.Repo, subject, m.Digest), referrer)
 		}
 		return nil
 	})

@@ -1,13 +1,11 @@
 package push
 
 import (
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 
 	"slipway/cache"
@@ -115,21 +113,11 @@ func (m *Manager) Repositories(last string, n int) ([]string, error) {
 // subject, only those of artifactType if it is not empty. A repository or
 // subject nobody referred to has an empty list.
 func (m *Manager) Referrers(repo string, subject digest.Digest, artifactType string) (v1.IndexManifest, error) {
-	idx := v1.IndexManifest{SchemaVersion: 2, MediaType: types.OCIImageIndex, Manifests: []v1.Descriptor{}}
-	raw, err := m.store.Referrers("", repo, subject)
+	descs, err := m.store.ReferrerDescriptors("", repo, subject)
 	if err != nil {
 		return v1.IndexManifest{}, err
 	}
-	for _, b := range raw {
-		var desc v1.Descriptor
-		if err := json.Unmarshal(b, &desc); err != nil {
-			return v1.IndexManifest{}, fmt.Errorf("push: stored referrer of %s: %w", subject, err)
-		}
-		if artifactType == "" || desc.ArtifactType == artifactType {
-			idx.Manifests = append(idx.Manifests, desc)
-		}
-	}
-	return idx, nil
+	return cache.ReferrersIndex(descs, artifactType), nil
 }
 
 // DeleteManifest removes ref from repo: a tag is untagged; a digest is

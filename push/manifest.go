@@ -5,8 +5,6 @@ import (
 	"errors"
 	"fmt"
 
-	v1 "github.com/google/go-containerregistry/pkg/v1"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 	"github.com/opencontainers/go-digest"
 
 	"slipway/cache"
@@ -93,14 +91,11 @@ func (m *Manager) PutManifest(repo, ref string, tags []string, contentType strin
 		return Pushed{}, err
 	}
 	p := Pushed{Digest: d, MediaType: mt, Tags: tags}
-	put := cache.ManifestPut{Repo: repo, Tags: tags, Local: true,
-		Manifest: cache.Manifest{Digest: d, MediaType: mt, Bytes: body, Origin: cache.OriginPushed}}
 	if man.Subject != nil {
 		p.Subject = man.Subject.Digest
-		if put.Referrer, err = json.Marshal(referrerOf(man, mt, d, int64(len(body)))); err != nil {
-			return Pushed{}, err
-		}
 	}
+	put := cache.ManifestPut{Repo: repo, Tags: tags, Local: true,
+		Manifest: cache.Manifest{Digest: d, MediaType: mt, Bytes: body, Origin: cache.OriginPushed}}
 	if err := m.store.PutManifest(put); err != nil {
 		return Pushed{}, manifestErr(err)
 	}
@@ -180,20 +175,4 @@ func parseManifest(contentType string, body []byte) (manifest, string, error) {
 		}
 	}
 	return man, mt, nil
-}
-
-// referrerOf is the descriptor the referrers API lists for a manifest: its
-// artifactType, or for an image without one, its config's media type.
-func referrerOf(man manifest, mt string, d digest.Digest, size int64) v1.Descriptor {
-	at := man.ArtifactType
-	if at == "" && man.Config != nil {
-		at = man.Config.MediaType
-	}
-	return v1.Descriptor{
-		MediaType:    types.MediaType(mt),
-		Size:         size,
-		Digest:       v1.Hash{Algorithm: string(d.Algorithm()), Hex: d.Encoded()},
-		ArtifactType: at,
-		Annotations:  man.Annotations,
-	}
 }
