@@ -15,6 +15,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -42,6 +43,14 @@ var (
 // MaxManifestSize caps what an upstream may send as a manifest.
 const MaxManifestSize = 4 << 20
 
+// AcceptedTypes are the manifest media types a client may ask for, and
+// that slipway passes on in an Accept header: ManifestTypes, and Docker's
+// schema 1 for old clients.
+var AcceptedTypes = append(slices.Clone(ManifestTypes),
+	"application/vnd.docker.distribution.manifest.v1+prettyjws",
+	"application/vnd.docker.distribution.manifest.v1+json",
+)
+
 // ManifestTypes are the manifest media types slipway asks for when the
 // client did not say.
 var ManifestTypes = []string{
@@ -67,7 +76,10 @@ type Config struct {
 	// or "localhost".
 	AllowPrivate bool
 	// MaxConcurrent caps the requests in flight to this upstream (a blob
-	// download counts until its body is closed). Default 32.
+	// download counts until its body is closed). Default 32. A quarter of
+	// it (at least one) is kept for everything but blob downloads:
+	// manifests, tags, referrers and HEADs never wait behind big layers
+	// streaming in.
 	MaxConcurrent int
 	// Retries is how often an idempotent request that failed with a
 	// network error or a 5xx is tried again. Default 2; negative: none.
@@ -84,7 +96,8 @@ type Client struct {
 	base    *url.URL
 	auth    authn.Authenticator
 	rt      http.RoundTripper
-	sem     chan struct{}
+	blobSem chan struct{} // blob downloads
+	metaSem chan struct{} // everything else
 	retries int
 	log     *slog.Logger
 
@@ -141,7 +154,8 @@ func New(c Config) (*Client, error) {
 		base:       &url.URL{Scheme: u.Scheme, Host: u.Host},
 		auth:       c.Auth,
 		rt:         &hostGuard{upstream: u.Hostname(), allowPrivate: c.AllowPrivate, inner: c.Transport},
-		sem:        make(chan struct{}, c.MaxConcurrent),
+		blobSem:    make(chan struct{}, max(c.MaxConcurrent-c.MaxConcurrent/4, 1)),
+		metaSem:    make(chan struct{}, max(c.MaxConcurrent/4, 1)),
 		retries:    c.Retries,
 		log:        c.Logger,
 		transports: make(map[string]*repoTransport),
@@ -251,12 +265,16 @@ func (c *Client) doOnce(ctx context.Context, method, repo, path string, accept [
 	if err := c.backingOff(); err != nil {
 		return nil, err
 	}
+	sem := c.metaSem
+	if method == http.MethodGet && strings.HasPrefix(path, "blobs/") {
+		sem = c.blobSem
+	}
 	select {
-	case c.sem <- struct{}{}:
+	case sem <- struct{}{}:
 	case <-ctx.Done():
 		return nil, fmt.Errorf("%w: waiting for a free upstream connection: %v", ErrUnavailable, ctx.Err())
 	}
-	release := sync.OnceFunc(func() { <-c.sem })
+	release := sync.OnceFunc(func() { <-sem })
 
 	rt, err := c.transport(ctx, repo)
 	if err != nil {
@@ -456,35 +474,93 @@ func (c *Client) GetBlob(ctx context.Context, repo string, d digest.Digest) (bod
 	return resp.Body, resp.ContentLength, nil
 }
 
-// Tags lists repo's tags on the upstream: n at most (n <= 0: what the
-// upstream gives in one page) after last.
-func (c *Client) Tags(ctx context.Context, repo string, n int, last string) ([]string, error) {
-	q := url.Values{}
-	if n > 0 {
-		q.Set("n", strconv.Itoa(n))
-	}
-	if last != "" {
-		q.Set("last", last)
-	}
+// Bounds of a tag list read from an upstream: pages followed, tags kept,
+// bytes of one page.
+const (
+	maxTagPages = 64
+	maxTags     = 100_000
+	maxTagPage  = 4 << 20
+)
+
+// Tags lists all of repo's tags on the upstream, following its Link
+// headers page by page (at most maxTagPages pages and maxTags tags).
+func (c *Client) Tags(ctx context.Context, repo string) ([]string, error) {
+	tags := []string{}
 	path := "tags/list"
-	if len(q) > 0 {
-		path += "?" + q.Encode()
+	for page := 0; page < maxTagPages && len(tags) < maxTags; page++ {
+		resp, err := c.do(ctx, http.MethodGet, repo, path, nil)
+		if err != nil {
+			return nil, err
+		}
+		var list struct {
+			Tags []string `json:"tags"`
+		}
+		err = json.NewDecoder(io.LimitReader(resp.Body, maxTagPage)).Decode(&list)
+		next := nextPage(resp, repo)
+		resp.Body.Close()
+		if err != nil {
+			return nil, fmt.Errorf("%w: tags list: %v", ErrBadResponse, err)
+		}
+		tags = append(tags, list.Tags...)
+		if next == "" {
+			break
+		}
+		path = next
 	}
-	resp, err := c.do(ctx, http.MethodGet, repo, path, nil)
+	if len(tags) > maxTags {
+		tags = tags[:maxTags]
+	}
+	return tags, nil
+}
+
+// nextPage is the path after /v2/<repo>/ of the page a Link header names
+// (rel="next"), or "" if there is none or it leaves the repository's tag
+// list.
+func nextPage(resp *http.Response, repo string) string {
+	for _, link := range resp.Header.Values("Link") {
+		for _, part := range strings.Split(link, ",") {
+			target, params, ok := strings.Cut(strings.TrimSpace(part), ";")
+			if !ok || !strings.Contains(strings.ReplaceAll(params, " ", ""), `rel="next"`) {
+				continue
+			}
+			u, err := url.Parse(strings.Trim(strings.TrimSpace(target), "<>"))
+			if err != nil || (u.Host != "" && u.Host != resp.Request.URL.Host) {
+				return ""
+			}
+			rest, ok := strings.CutPrefix(u.Path, "/v2/"+repo+"/")
+			if !ok || rest != "tags/list" {
+				return ""
+			}
+			if u.RawQuery != "" {
+				rest += "?" + u.RawQuery
+			}
+			return rest
+		}
+	}
+	return ""
+}
+
+// Referrers asks the upstream's referrers API for the manifests that refer
+// to subject in repo: the OCI index it answers, unfiltered. ok is false
+// when the upstream has no referrers API (or no such repository): a 404,
+// after which the referrers tag schema is the way to ask.
+func (c *Client) Referrers(ctx context.Context, repo string, subject digest.Digest) (idx []byte, ok bool, err error) {
+	resp, err := c.do(ctx, http.MethodGet, repo, "referrers/"+string(subject), []string{mediaTypeOCIIndex})
+	if errors.Is(err, ErrNotFound) {
+		return nil, false, nil
+	}
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	defer resp.Body.Close()
-	var list struct {
-		Tags []string `json:"tags"`
+	b, err := io.ReadAll(io.LimitReader(resp.Body, MaxManifestSize+1))
+	if err != nil {
+		return nil, false, classify(err)
 	}
-	if err := json.NewDecoder(io.LimitReader(resp.Body, MaxManifestSize)).Decode(&list); err != nil {
-		return nil, fmt.Errorf("%w: tags list: %v", ErrBadResponse, err)
+	if len(b) > MaxManifestSize {
+		return nil, false, fmt.Errorf("%w: referrers of %s over %d bytes", ErrTooLarge, subject, MaxManifestSize)
 	}
-	if list.Tags == nil {
-		list.Tags = []string{}
-	}
-	return list.Tags, nil
+	return b, true, nil
 }
 
 func acceptOrAll(accept []string) []string {

@@ -2,13 +2,17 @@ package upstream
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
 	"mime"
+	"regexp"
+	"slices"
 	"strings"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/opencontainers/go-digest"
 	"golang.org/x/sync/singleflight"
 
@@ -123,10 +127,144 @@ func (p *Proxy) Blob(ctx context.Context, repo string, d digest.Digest) (*Blob, 
 	return b, p.remember(key, err)
 }
 
-// Tags lists repo's tags on the upstream (not cached: a tag list is only
-// as good as it is fresh).
-func (p *Proxy) Tags(ctx context.Context, repo string, n int, last string) ([]string, error) {
-	return p.up.Tags(ctx, repo, n, last)
+// Tags lists repo's tags, sorted: the upstream's whole list, asked again
+// once it is older than the tag freshness window, and kept. When the
+// upstream fails (down, timing out, 5xx, 429) the last list is served
+// stale, together with the tags slipway has cached since: a client that
+// lists tags before it pulls (skopeo inspect, crane ls) goes on working.
+func (p *Proxy) Tags(ctx context.Context, repo string) ([]string, Source, error) {
+	cached, at, err := p.store.TagList(p.ns(), repo)
+	have := err == nil
+	if have && p.now().Sub(at) < p.tagTTL {
+		return tagSet(cached), SourceHit, nil
+	}
+	v, shared, err := p.flight(ctx, "l\x00"+repo, func(ctx context.Context) (any, error) {
+		tags, err := p.up.Tags(ctx, repo)
+		if err != nil {
+			return nil, err
+		}
+		return tags, p.store.SetTagList(p.ns(), repo, tags, p.now())
+	})
+	if err == nil {
+		return tagSet(v.([]string)), sourceOf(shared), nil
+	}
+	if !p.staleable(err) {
+		return nil, "", err
+	}
+	held, herr := p.store.Tags(p.ns(), repo, "", 0)
+	if herr != nil {
+		return nil, "", herr
+	}
+	if !have && len(held) == 0 {
+		return nil, "", err
+	}
+	p.log.Warn("serving stale tag list", "upstream", p.ns(), "repo", repo, "err", err)
+	return tagSet(append(cached, held...)), SourceStale, nil
+}
+
+// tagSet sorts tags and drops repeats and names that are not tags.
+func tagSet(tags []string) []string {
+	out := make([]string, 0, len(tags))
+	for _, t := range tags {
+		if tagName.MatchString(t) {
+			out = append(out, t)
+		}
+	}
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+var tagName = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$`)
+
+// Referrers lists the manifests that refer to subject in repo: what the
+// upstream's referrers API answers, or, for an upstream without one, the
+// index its referrers tag (sha256-<hex>) points at; together with the
+// referrers slipway pulled itself (manifests of repo with that subject).
+// It is kept like a tag: fresh for the tag freshness window, then asked
+// again, and served stale when the upstream fails. Nothing referring to
+// subject is an empty list, never "not found".
+func (p *Proxy) Referrers(ctx context.Context, repo string, subject digest.Digest) ([]v1.Descriptor, Source, error) {
+	held, err := p.store.ReferrerDescriptors(p.ns(), repo, subject)
+	if err != nil {
+		return nil, "", err
+	}
+	cached, at, err := p.store.CachedReferrers(p.ns(), repo, subject)
+	have := err == nil
+	if have && p.now().Sub(at) < p.tagTTL {
+		return append(parseReferrers(cached), held...), SourceHit, nil
+	}
+	v, shared, err := p.flight(ctx, "r\x00"+repo+"\x00"+string(subject), func(ctx context.Context) (any, error) {
+		return p.fetchReferrers(ctx, repo, subject)
+	})
+	if err == nil {
+		return append(v.([]v1.Descriptor), held...), sourceOf(shared), nil
+	}
+	if !p.staleable(err) && !errors.Is(err, ErrNotFound) {
+		return nil, "", err
+	}
+	p.log.Warn("serving stale referrers", "upstream", p.ns(), "repo", repo, "digest", subject, "err", err)
+	return append(parseReferrers(cached), held...), SourceStale, nil
+}
+
+// fetchReferrers asks the upstream for subject's referrers and keeps the
+// answer.
+func (p *Proxy) fetchReferrers(ctx context.Context, repo string, subject digest.Digest) ([]v1.Descriptor, error) {
+	b, ok, err := p.up.Referrers(ctx, repo, subject)
+	if err != nil {
+		return nil, err
+	}
+	var descs []v1.Descriptor
+	if ok {
+		var idx v1.IndexManifest
+		if err := json.Unmarshal(b, &idx); err != nil {
+			return nil, fmt.Errorf("%w: referrers of %s: %v", ErrBadResponse, subject, err)
+		}
+		descs = idx.Manifests
+	} else {
+		// No referrers API: the tag schema. The index a tag names is
+		// fetched, stored and revalidated as any tag's manifest is.
+		m, _, err := p.manifestByTag(ctx, repo, referrersTag(subject), []string{mediaTypeOCIIndex})
+		switch {
+		case errors.Is(err, ErrNotFound):
+		case err != nil:
+			return nil, err
+		default:
+			var idx v1.IndexManifest
+			if json.Unmarshal(m.Bytes, &idx) == nil {
+				descs = idx.Manifests
+			}
+		}
+	}
+	descs = validReferrers(descs)
+	b, err = json.Marshal(descs)
+	if err != nil {
+		return nil, err
+	}
+	return descs, p.store.SetReferrers(p.ns(), repo, subject, b, p.now())
+}
+
+// referrersTag is the tag of the referrers tag schema: the digest with
+// its ':' made a '-', at most 128 characters.
+func referrersTag(d digest.Digest) string {
+	t := string(d.Algorithm()) + "-" + d.Encoded()
+	return t[:min(len(t), 128)]
+}
+
+// validReferrers keeps the descriptors whose digest is one.
+func validReferrers(descs []v1.Descriptor) []v1.Descriptor {
+	out := []v1.Descriptor{}
+	for _, d := range descs {
+		if digest.Digest(d.Digest.String()).Validate() == nil {
+			out = append(out, d)
+		}
+	}
+	return out
+}
+
+func parseReferrers(b []byte) []v1.Descriptor {
+	var descs []v1.Descriptor
+	json.Unmarshal(b, &descs)
+	return descs
 }
 
 // HeadBlob says whether repo has blob d and its size. An uncached blob is
