@@ -45,6 +45,9 @@ var (
 	codeTooManyRequests     = code{"TOOMANYREQUESTS", http.StatusTooManyRequests}
 	codeTooLarge            = code{"SIZE_INVALID", http.StatusRequestEntityTooLarge}
 	codeRangeInvalid        = code{"BLOB_UPLOAD_INVALID", http.StatusRequestedRangeNotSatisfiable}
+	// A Range of a blob pull that cannot be served; the spec has no code
+	// for it (a blob that is there, asked for wrongly).
+	codeRangeNotSatisfiable = code{"UNSUPPORTED", http.StatusRequestedRangeNotSatisfiable}
 	codeUnavailable         = code{"UNAVAILABLE", http.StatusServiceUnavailable}
 	codeBadGateway          = code{"UNAVAILABLE", http.StatusBadGateway}
 	codeInternal            = code{"UNKNOWN", http.StatusInternalServerError}
@@ -54,6 +57,8 @@ var (
 	// UNAVAILABLE is the spec's code for "try again later".
 	codeInsufficientStorage = code{"UNAVAILABLE", http.StatusInsufficientStorage}
 	codeAdminInvalid        = code{"UNSUPPORTED", http.StatusBadRequest} // a bad /v2/_slipway/ parameter
+	// A bad ?n= on a listing; not in the spec's table, distribution's code.
+	codePaginationInvalid = code{"PAGINATION_NUMBER_INVALID", http.StatusBadRequest}
 	// A request body that stalled (cmd's --body-stall-timeout moved the
 	// connection's read deadline past it). The spec has no code for it:
 	// 408 says the client was too slow, and the code says which upload or
@@ -183,6 +188,25 @@ func toOCI(err error, kind routeKind) *ociError {
 	return wrapError(codeInternal, "internal error", err)
 }
 
+// bodyReader marks the errors of reading a request body, so that one the
+// client caused (a malformed chunked encoding, a reset) is never a 500,
+// however deep it was wrapped.
+type bodyReader struct{ io.ReadCloser }
+
+func (b bodyReader) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		err = &requestBodyError{err}
+	}
+	return n, err
+}
+
+// requestBodyError is a failed read of the request body.
+type requestBodyError struct{ err error }
+
+func (e *requestBodyError) Error() string { return "reading the request body: " + e.err.Error() }
+func (e *requestBodyError) Unwrap() error { return e.err }
+
 // bodyError maps a failed read of the request body: the client's fault,
 // never a 500. Nothing above reads a network connection of its own without
 // turning the error into a sentinel (upstream's classify), so what is left
@@ -204,8 +228,16 @@ func bodyError(err error, kind routeKind) *ociError {
 		return wrapError(invalid, "request body ended early", err)
 	case errors.Is(err, syscall.ECONNRESET):
 		return wrapError(invalid, "the client reset the connection during the request body", err)
+	case errors.As(err, new(*requestBodyError)):
+		return wrapError(invalid, "the request body could not be read (a malformed chunked encoding?)", err)
 	}
 	return nil
+}
+
+// ociBody is the spec's error body with one error.
+func ociBody(code, message string) []byte {
+	b, _ := json.Marshal(errorBody{Errors: []errorEntry{{Code: code, Message: message}}})
+	return b
 }
 
 type errorBody struct {
@@ -243,7 +275,7 @@ func (s *Server) handleError(err error, c echo.Context) {
 		c.Response().WriteHeader(oe.code.status)
 		return
 	}
-	body, _ := json.Marshal(errorBody{Errors: []errorEntry{{Code: oe.code.name, Message: oe.message}}})
+	body := ociBody(oe.code.name, oe.message)
 	h.Set(echo.HeaderContentType, echo.MIMEApplicationJSON)
 	h.Set(echo.HeaderContentLength, strconv.Itoa(len(body)))
 	c.Response().WriteHeader(oe.code.status)

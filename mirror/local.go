@@ -1,12 +1,16 @@
 package mirror
 
 import (
+	"fmt"
 	"net/http"
 	"net/url"
+	"slices"
 	"strconv"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/labstack/echo/v4"
 
+	"slipway/cache"
 	"slipway/upstream"
 )
 
@@ -50,20 +54,29 @@ func (s *Server) headLocalBlob(c echo.Context, repo string, r route) error {
 	return c.NoContent(http.StatusOK)
 }
 
-// getTags lists a local repository's tags, n at a time after last, with a
-// Link header to the next page.
+// getTags lists a repository's tags, n at a time after last, with a Link
+// header to the next page. A proxied repository's list is the upstream's,
+// kept and served stale when the upstream fails (upstream.Proxy.Tags); the
+// paging is always slipway's own, whatever the upstream does with n and
+// last, and tags the pull-through policy denies are not listed.
 // https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-tags
 func (s *Server) getTags(c echo.Context, r route) error {
-	t, err := s.resolve(c, r.name)
+	n, last, err := pageParams(c)
 	if err != nil {
 		return err
 	}
-	n, last := pageParams(c)
+	t, err := s.resolve(c, r)
+	if err != nil {
+		return err
+	}
 	var tags []string
 	if t.local {
 		tags, err = s.push.Tags(t.repo, last, pageFetch(n))
 	} else {
-		tags, err = t.up.Proxy.Tags(c.Request().Context(), t.repo, pageFetch(n), last)
+		var src upstream.Source
+		tags, src, err = t.up.Proxy.Tags(c.Request().Context(), t.repo)
+		setSource(c, src)
+		tags = page(slices.DeleteFunc(tags, func(tag string) bool { return s.permit(t, tag) != nil }), last, pageFetch(n))
 	}
 	if err != nil {
 		return err
@@ -75,14 +88,32 @@ func (s *Server) getTags(c echo.Context, r route) error {
 	}{r.name, tags})
 }
 
+// page is the part of sorted list after last, at most n entries (n < 0:
+// all).
+func page(list []string, last string, n int) []string {
+	if last != "" {
+		i, found := slices.BinarySearch(list, last)
+		if found {
+			i++
+		}
+		list = list[i:]
+	}
+	if n >= 0 && len(list) > n {
+		list = list[:n]
+	}
+	return list
+}
+
 // getCatalog lists the local repositories, n at a time after last, with a
 // Link header to the next page. Proxied repositories are not listed.
 // https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-repositories
 func (s *Server) getCatalog(c echo.Context, r route) error {
+	n, last, err := pageParams(c)
+	if err != nil {
+		return err
+	}
 	repos := []string{}
 	if s.push != nil {
-		n, last := pageParams(c)
-		var err error
 		if repos, err = s.push.Repositories(last, pageFetch(n)); err != nil {
 			return err
 		}
@@ -93,21 +124,28 @@ func (s *Server) getCatalog(c echo.Context, r route) error {
 	}{repos})
 }
 
-// getReferrers lists the manifests of a local repository whose subject is
-// the digest, filtered by ?artifactType=. For a proxied repository it is
-// 404, so that clients fall back to the referrers tag schema, which is
-// served through the cache like any tag.
+// getReferrers lists the manifests whose subject is the digest, filtered
+// by ?artifactType=: those pushed to a local repository, or for a proxied
+// one what the upstream says (its referrers API, else the referrers tag
+// schema), kept and served stale like a tag. Always an image index, empty
+// when nothing refers to the digest: the spec forbids a 404 here.
 // https://github.com/opencontainers/distribution-spec/blob/main/spec.md#listing-referrers
 func (s *Server) getReferrers(c echo.Context, r route) error {
-	t, err := s.resolve(c, r.name)
+	t, err := s.resolve(c, r)
 	if err != nil {
 		return err
 	}
-	if !t.local {
-		return newError(codeManifestUnknown, "the referrers API is not proxied; use the referrers tag schema")
-	}
 	at := c.QueryParam("artifactType")
-	idx, err := s.push.Referrers(t.repo, r.digest, at)
+	var idx v1.IndexManifest
+	if t.local {
+		idx, err = s.push.Referrers(t.repo, r.digest, at)
+	} else {
+		var descs []v1.Descriptor
+		var src upstream.Source
+		descs, src, err = t.up.Proxy.Referrers(c.Request().Context(), t.repo, r.digest)
+		setSource(c, src)
+		idx = cache.ReferrersIndex(descs, at)
+	}
 	if err != nil {
 		return err
 	}
@@ -118,14 +156,19 @@ func (s *Server) getReferrers(c echo.Context, r route) error {
 	return c.JSON(http.StatusOK, idx)
 }
 
-// pageParams reads ?n= (-1 when absent or not a number: everything) and
-// ?last=.
-func pageParams(c echo.Context) (int, string) {
-	n, err := strconv.Atoi(c.QueryParam("n"))
-	if err != nil || n < 0 {
-		n = -1
+// pageParams reads ?n= (-1 when absent or empty: everything) and ?last=. An n that
+// is not a whole number, or is negative, is PAGINATION_NUMBER_INVALID, as
+// distribution answers.
+func pageParams(c echo.Context) (int, string, error) {
+	q := c.QueryParams()
+	if q.Get("n") == "" {
+		return -1, q.Get("last"), nil
 	}
-	return n, c.QueryParam("last")
+	n, err := strconv.Atoi(q.Get("n"))
+	if err != nil || n < 0 {
+		return 0, "", newError(codePaginationInvalid, fmt.Sprintf("n=%.32q: want a whole number, 0 or more", q.Get("n")))
+	}
+	return n, q.Get("last"), nil
 }
 
 // pageFetch is how many entries to ask for: one more than a page, to know

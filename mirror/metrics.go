@@ -30,6 +30,7 @@ type metrics struct {
 	requests *prometheus.CounterVec // route, method, status
 	results  *prometheus.CounterVec // kind, result
 	bytes    *prometheus.CounterVec // source
+	denied   *prometheus.CounterVec // upstream
 }
 
 func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats) *metrics {
@@ -47,8 +48,12 @@ func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats) *met
 			Name: "slipway_served_bytes_total",
 			Help: "Response body bytes of manifests and blobs, by source: cache (stored), upstream (streamed from a fill), local (pushed).",
 		}, []string{"source"}),
+		denied: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "slipway_policy_denied_total",
+			Help: "Requests refused by an upstream's pull-through policy (403 DENIED, no upstream request), by upstream.",
+		}, []string{"upstream"}),
 	}
-	m.reg.MustRegister(m.requests, m.results, m.bytes,
+	m.reg.MustRegister(m.requests, m.results, m.bytes, m.denied,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		&scrapeCollector{s: s, fills: fills, stats: stats})
 	return m
@@ -58,7 +63,7 @@ func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats) *met
 func (m *metrics) observe(c echo.Context, routeName string, src upstream.Source, hasSrc bool) {
 	req := c.Request()
 	status := c.Response().Status
-	m.requests.WithLabelValues(routeName, req.Method, strconv.Itoa(status)).Inc()
+	m.requests.WithLabelValues(routeName, methodLabel(req.Method), strconv.Itoa(status)).Inc()
 	if routeName != "manifest" && routeName != "blob" {
 		return
 	}
@@ -79,6 +84,16 @@ func (m *metrics) observe(c echo.Context, routeName string, src upstream.Source,
 		return
 	}
 	m.bytes.WithLabelValues(source).Add(float64(c.Response().Size))
+}
+
+// methodLabel is the method as a label: one of the methods slipway
+// answers, or "other", so made-up methods cannot make series without end.
+func methodLabel(m string) string {
+	switch m {
+	case http.MethodGet, http.MethodHead, http.MethodPost, http.MethodPut, http.MethodPatch, http.MethodDelete, http.MethodOptions:
+		return m
+	}
+	return "other"
 }
 
 // handler serves the registry in the Prometheus text format.

@@ -37,6 +37,13 @@ type PrefetchResult struct {
 	Error     string `json:"error,omitempty"`
 }
 
+// One prefetch call: at most maxPrefetchImages images (its body is at most
+// 1 MiB), worked on by at most prefetchWorkers goroutines.
+const (
+	maxPrefetchImages = 256
+	prefetchWorkers   = 4
+)
+
 // postPrefetch warms the cache with whole images (every platform of an
 // index unless one is asked for), for CI pipelines: it answers when all
 // are stored, 200 if every image was, else 502 with the same body.
@@ -47,12 +54,15 @@ func (s *Server) postPrefetch(c echo.Context) error {
 		return err
 	}
 	if err := json.Unmarshal(body, &req); err != nil || len(req.Images) == 0 {
-		return newError(code{"UNSUPPORTED", http.StatusBadRequest}, `want {"images": ["name:tag", ...], "platform": "os/arch"}`)
+		return newError(codeAdminInvalid, `want {"images": ["name:tag", ...], "platform": "os/arch"}`)
+	}
+	if len(req.Images) > maxPrefetchImages {
+		return newError(codeAdminInvalid, fmt.Sprintf("%d images: at most %d in one call", len(req.Images), maxPrefetchImages))
 	}
 	var plat *v1.Platform
 	if req.Platform != "" {
 		if plat, err = v1.ParsePlatform(req.Platform); err != nil {
-			return newError(code{"UNSUPPORTED", http.StatusBadRequest}, "platform: "+err.Error())
+			return newError(codeAdminInvalid, "platform: "+err.Error())
 		}
 	}
 	// The work is the server's, not the client's: a CI job that gives up
@@ -60,15 +70,19 @@ func (s *Server) postPrefetch(c echo.Context) error {
 	ctx := context.WithoutCancel(c.Request().Context())
 	ns := c.QueryParam("ns") // echo.Context is not for other goroutines
 	results := make([]PrefetchResult, len(req.Images))
+	next := make(chan int)
 	var wg sync.WaitGroup
-	sem := make(chan struct{}, 4)
-	for i, img := range req.Images {
+	for range min(prefetchWorkers, len(req.Images)) {
 		wg.Go(func() {
-			sem <- struct{}{}
-			defer func() { <-sem }()
-			results[i] = s.prefetch(ctx, ns, img, plat)
+			for i := range next {
+				results[i] = s.prefetch(ctx, ns, req.Images[i], plat)
+			}
 		})
 	}
+	for i := range req.Images {
+		next <- i
+	}
+	close(next)
 	wg.Wait()
 	status := http.StatusOK
 	for _, r := range results {
@@ -102,6 +116,13 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platfo
 	}
 	t, err := s.resolveNS(ns, name)
 	if err != nil {
+		return fail(err)
+	}
+	tag := ref
+	if strings.Contains(ref, ":") {
+		tag = ""
+	}
+	if err := s.permit(t, tag); err != nil {
 		return fail(err)
 	}
 	if t.local {

@@ -2,7 +2,9 @@ package mirror
 
 import (
 	"io"
+	"mime"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -11,15 +13,26 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"slipway/cache"
+	"slipway/upstream"
 )
 
-// accepts is the client's Accept header as a list of media ranges.
+// accepts is what the client's Accept header says of manifests: the
+// manifest media types it names, each once. A range ("*/*",
+// "application/*") stands for every type it covers; anything else (and
+// any parameter) is dropped, so nothing of the header reaches the
+// upstream but types slipway knows. None: the client takes any.
 func accepts(r *http.Request) []string {
 	var out []string
 	for _, h := range r.Header.Values("Accept") {
 		for _, a := range strings.Split(h, ",") {
-			if a = strings.TrimSpace(a); a != "" {
-				out = append(out, a)
+			mt, _, err := mime.ParseMediaType(strings.TrimSpace(a))
+			if err != nil {
+				continue
+			}
+			for _, known := range upstream.AcceptedTypes {
+				if upstream.Acceptable(known, []string{mt}) && !slices.Contains(out, known) {
+					out = append(out, known)
+				}
 			}
 		}
 	}
@@ -29,7 +42,7 @@ func accepts(r *http.Request) []string {
 // getManifest serves a manifest by tag or digest.
 // https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-manifests
 func (s *Server) getManifest(c echo.Context, r route) error {
-	t, err := s.resolve(c, r.name)
+	t, err := s.resolve(c, r)
 	if err != nil {
 		return err
 	}
@@ -74,7 +87,7 @@ func etag(d digest.Digest) string { return `"` + string(d) + `"` }
 // headManifest answers whether a manifest exists, with its digest, size and
 // media type. It stores nothing it did not have.
 func (s *Server) headManifest(c echo.Context, r route) error {
-	t, err := s.resolve(c, r.name)
+	t, err := s.resolve(c, r)
 	if err != nil {
 		return err
 	}
@@ -95,7 +108,7 @@ func (s *Server) headManifest(c echo.Context, r route) error {
 // while it downloads.
 // https://github.com/opencontainers/distribution-spec/blob/main/spec.md#pulling-blobs
 func (s *Server) getBlob(c echo.Context, r route) error {
-	t, err := s.resolve(c, r.name)
+	t, err := s.resolve(c, r)
 	if err != nil {
 		return err
 	}
@@ -138,7 +151,51 @@ func serveBlobFile(c echo.Context, d digest.Digest, f io.ReadSeeker) {
 	h.Set("Docker-Content-Digest", string(d))
 	h.Set("ETag", etag(d))
 	h.Set("Cache-Control", "max-age=31536000, immutable")
-	http.ServeContent(sendfileWriter{c.Response()}, c.Request(), "", time.Time{}, f)
+	size, err := f.Seek(0, io.SeekEnd)
+	if err == nil {
+		_, err = f.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		panic(http.ErrAbortHandler) // a stored blob that cannot be read: nothing to send
+	}
+	http.ServeContent(&rangeErrorWriter{sendfileWriter: sendfileWriter{c.Response()}, head: c.Request().Method == http.MethodHead, size: size},
+		c.Request(), "", time.Time{}, f)
+}
+
+// rangeErrorWriter turns http.ServeContent's plain-text 416 (a Range that
+// is garbage, inverted or past the end) into an OCI error body, with the
+// Content-Range RFC 9110 asks of a 416.
+type rangeErrorWriter struct {
+	sendfileWriter
+	head    bool
+	size    int64
+	swallow bool // the 416's own text, not sent
+}
+
+func (w *rangeErrorWriter) WriteHeader(status int) {
+	if status != http.StatusRequestedRangeNotSatisfiable {
+		w.sendfileWriter.WriteHeader(status)
+		return
+	}
+	body := ociBody(codeRangeNotSatisfiable.name, "the requested range is not satisfiable: want bytes=start-end within the blob")
+	h := w.Header()
+	h.Del("X-Content-Type-Options")
+	h.Set("Content-Range", "bytes */"+strconv.FormatInt(w.size, 10))
+	h.Set(echo.HeaderContentType, echo.MIMEApplicationJSON)
+	if w.head {
+		body = nil
+	}
+	h.Set(echo.HeaderContentLength, strconv.Itoa(len(body)))
+	w.sendfileWriter.WriteHeader(status)
+	w.sendfileWriter.Write(body)
+	w.swallow = true
+}
+
+func (w *rangeErrorWriter) Write(p []byte) (int, error) {
+	if w.swallow {
+		return len(p), nil
+	}
+	return w.sendfileWriter.Write(p)
 }
 
 // streamBlob copies a fill in progress to the client. If the fill fails
@@ -161,7 +218,7 @@ func streamBlob(c echo.Context, d digest.Digest, r io.Reader, size int64) error 
 // headBlob answers whether a blob exists and its size. An uncached blob is
 // asked of the upstream with a HEAD; nothing is stored.
 func (s *Server) headBlob(c echo.Context, r route) error {
-	t, err := s.resolve(c, r.name)
+	t, err := s.resolve(c, r)
 	if err != nil {
 		return err
 	}

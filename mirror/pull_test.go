@@ -47,9 +47,9 @@ type fakeUpstream struct {
 	hook   func(w http.ResponseWriter, r *http.Request) bool // true: handled
 }
 
-func newFakeUpstream(t testing.TB) *fakeUpstream {
+func newFakeUpstream(t testing.TB, opts ...registry.Option) *fakeUpstream {
 	t.Helper()
-	u := &fakeUpstream{reg: registry.New(registry.Logger(discardLog())), counts: map[string]int{}, accept: map[string]string{}}
+	u := &fakeUpstream{reg: registry.New(append([]registry.Option{registry.Logger(discardLog())}, opts...)...), counts: map[string]int{}, accept: map[string]string{}}
 	u.Server = httptest.NewServer(http.HandlerFunc(u.serve))
 	t.Cleanup(u.Close)
 	u.host = strings.TrimPrefix(u.URL, "http://")

@@ -114,8 +114,8 @@ func (s *Server) mountSource(c echo.Context, from string) *push.Source {
 	if validateName(from) != nil {
 		return nil
 	}
-	t, err := s.resolve(c, from)
-	if err != nil {
+	t, err := s.resolveNS(c.QueryParam("ns"), from)
+	if err != nil || s.permit(t, "") != nil {
 		return nil
 	}
 	if t.local {

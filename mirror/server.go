@@ -31,6 +31,9 @@ type Upstream struct {
 	// DockerHub makes one-word repository names official images
 	// ("alpine" -> "library/alpine").
 	DockerHub bool
+	// Policy decides which of its repositories and tags may be pulled
+	// through; nil: all.
+	Policy *upstream.Policy
 }
 
 // Config wires a Server.
@@ -78,6 +81,7 @@ const (
 	ctxError     = "slipway.error"
 	ctxSource    = "slipway.source"
 	ctxRequestID = "slipway.request_id"
+	ctxTarget    = "slipway.target" // where the name resolved to, for the log
 )
 
 // New builds the server.
@@ -154,9 +158,14 @@ func (s *Server) dispatch(c echo.Context) error {
 	}
 	c.Set(ctxRoute, r)
 	m := c.Request().Method
+	if b := c.Request().Body; b != nil && b != http.NoBody {
+		c.Request().Body = bodyReader{b}
+	}
 	switch r.kind {
 	case routeBase:
-		return s.getBase(c)
+		if m == http.MethodGet || m == http.MethodHead {
+			return s.getBase(c)
+		}
 	case routeManifest:
 		switch m {
 		case http.MethodGet:
@@ -215,13 +224,43 @@ type target struct {
 	local bool   // a local (pushed) repository: served from the store only
 }
 
-// resolve maps a client's name (and ?ns=) to an upstream repository:
+// resolve maps the route's name (and ?ns=) to an upstream repository:
 // ?ns=<host> names the upstream; else a first path segment that names a
 // configured upstream selects it; else a local repository, if the name
 // matches a push prefix or was pushed to; else the default upstream. Hosts
-// that are not configured are never contacted.
-func (s *Server) resolve(c echo.Context, name string) (target, error) {
-	return s.resolveNS(c.QueryParam("ns"), name)
+// that are not configured are never contacted. A proxied repository must
+// pass its upstream's pull-through policy, whatever spelling of the name
+// brought it here. Where it went is noted for the request's log line.
+func (s *Server) resolve(c echo.Context, r route) (target, error) {
+	t, err := s.resolveNS(c.QueryParam("ns"), r.name)
+	if err != nil {
+		return t, err
+	}
+	c.Set(ctxTarget, t)
+	tag := ""
+	if r.kind == routeManifest && r.digest == "" {
+		tag = r.ref
+	}
+	return t, s.permit(t, tag)
+}
+
+// permit applies t's pull-through policy: to repo:tag, or with tag empty
+// to what no tag names (a digest, a blob, referrers, the tag list).
+func (s *Server) permit(t target, tag string) error {
+	if t.local || t.up.Policy == nil {
+		return nil
+	}
+	p, host := t.up.Policy, t.up.Proxy.Upstream().Host()
+	what := t.repo
+	ok := p.AllowsRepo(t.repo)
+	if tag != "" {
+		what, ok = t.repo+":"+tag, p.Allows(t.repo, tag)
+	}
+	if ok {
+		return nil
+	}
+	s.metrics.denied.WithLabelValues(host).Inc()
+	return newError(codeDenied, fmt.Sprintf("%s of %s is not pulled through this mirror (its pull-through policy)", what, host))
 }
 
 // resolveNS is resolve with the ?ns= value given.
@@ -315,8 +354,18 @@ func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 		aborted = false
 		rl := routeLabel(c)
-		attrs := []any{"request_id", id, "method", c.Request().Method, "path", c.Request().URL.Path, "route", rl,
-			"status", c.Response().Status, "bytes", c.Response().Size, "dur", time.Since(start)}
+		attrs := []any{"request_id", id, "method", c.Request().Method, "path", c.Request().URL.Path}
+		if q := c.Request().URL.RawQuery; q != "" {
+			attrs = append(attrs, "query", q[:min(len(q), 256)])
+		}
+		attrs = append(attrs, "route", rl, "status", c.Response().Status, "bytes", c.Response().Size, "dur", time.Since(start))
+		if t, ok := c.Get(ctxTarget).(target); ok {
+			up := "local"
+			if !t.local {
+				up = t.up.Proxy.Upstream().Host()
+			}
+			attrs = append(attrs, "upstream", up, "repo", t.repo)
+		}
 		src, hasSrc := c.Get(ctxSource).(upstream.Source)
 		if hasSrc {
 			attrs = append(attrs, "cache", string(src))

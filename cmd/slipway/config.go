@@ -13,6 +13,8 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"go.yaml.in/yaml/v3"
+
+	"slipway/upstream"
 )
 
 // The config file (--config, SLIPWAY_CONFIG) is YAML. Its top-level keys
@@ -50,19 +52,56 @@ type userConfig struct {
 
 // upstreamConfig is one entry of the config file's upstreams list.
 type upstreamConfig struct {
-	Name          string   `yaml:"name"`
-	URL           string   `yaml:"url"`
-	Aliases       []string `yaml:"aliases"`
-	Username      string   `yaml:"username"`
-	Password      string   `yaml:"password"`
-	PasswordEnv   string   `yaml:"password_env"`
-	Token         string   `yaml:"token"`
-	TokenEnv      string   `yaml:"token_env"`
-	TagTTL        string   `yaml:"tag_ttl"`
-	StaleOn404    bool     `yaml:"stale_on_404"`
-	MaxConcurrent int      `yaml:"max_concurrent"`
-	NegativeTTL   string   `yaml:"negative_ttl"`
-	AllowPrivate  bool     `yaml:"allow_private"`
+	Name          string        `yaml:"name"`
+	URL           string        `yaml:"url"`
+	Aliases       []string      `yaml:"aliases"`
+	Username      string        `yaml:"username"`
+	Password      string        `yaml:"password"`
+	PasswordEnv   string        `yaml:"password_env"`
+	Token         string        `yaml:"token"`
+	TokenEnv      string        `yaml:"token_env"`
+	TagTTL        string        `yaml:"tag_ttl"`
+	StaleOn404    bool          `yaml:"stale_on_404"`
+	MaxConcurrent int           `yaml:"max_concurrent"`
+	NegativeTTL   string        `yaml:"negative_ttl"`
+	AllowPrivate  bool          `yaml:"allow_private"`
+	Policy        *policyConfig `yaml:"policy"`
+}
+
+// policyConfig is an upstream's pull-through policy:
+//
+//	policy:
+//	  deny_by_default: true
+//	  allow: ["alpine", "library/golang:1.*", "myorg/**"]
+//	  deny: ["myorg/secret"]
+//
+// Each rule is a repository glob, with ":tag-glob" to name tags; a deny
+// rule that matches wins, then an allow rule, then deny_by_default.
+type policyConfig struct {
+	DenyByDefault bool     `yaml:"deny_by_default"`
+	Allow         []string `yaml:"allow"`
+	Deny          []string `yaml:"deny"`
+}
+
+// policy parses the rules (for Docker Hub, "alpine" is "library/alpine").
+func (pc *policyConfig) policy(dockerHub bool) (*upstream.Policy, error) {
+	if pc == nil {
+		return nil, nil
+	}
+	p := &upstream.Policy{DenyByDefault: pc.DenyByDefault}
+	for _, list := range []struct {
+		in  []string
+		out *[]upstream.Rule
+	}{{pc.Allow, &p.Allow}, {pc.Deny, &p.Deny}} {
+		for _, s := range list.in {
+			r, err := upstream.ParseRule(s, dockerHub)
+			if err != nil {
+				return nil, err
+			}
+			*list.out = append(*list.out, r)
+		}
+	}
+	return p, nil
 }
 
 // loadConfigFile reads path and sets the flags it names on fs (before env
@@ -141,6 +180,7 @@ type upstreamSpec struct {
 	staleOn404   bool
 	maxConc      int
 	allowPrivate bool
+	policy       *upstream.Policy
 }
 
 // upstreamSpecs resolves the configured upstreams and which is the
@@ -196,6 +236,11 @@ func specOf(u upstreamConfig, tagTTL time.Duration) (upstreamSpec, error) {
 	}
 	s := upstreamSpec{name: u.Name, url: strings.TrimSuffix(u.URL, "/"), aliases: u.Aliases, tagTTL: tagTTL,
 		staleOn404: u.StaleOn404, maxConc: u.MaxConcurrent, allowPrivate: u.AllowPrivate}
+	p, err := u.Policy.policy(isDockerHub(s.url))
+	if err != nil {
+		return upstreamSpec{}, fmt.Errorf("upstream %q: policy: %w", u.Name, err)
+	}
+	s.policy = p
 	if u.TagTTL != "" {
 		s.tagTTL, _ = time.ParseDuration(u.TagTTL)
 	}

@@ -129,6 +129,7 @@ func TestConfigFileErrors(t *testing.T) {
 		{"credentials in url", "upstreams:\n  - {name: a, url: 'https://u:secret@a.example'}\n", "not in the url"},
 		{"empty password env", "upstreams:\n  - {name: a, url: https://a.example, password_env: SLIPWAY_TEST_UNSET}\n", "is empty"},
 		{"bad scheme", "upstreams:\n  - {name: a, url: 'ftp://a.example'}\n", "invalid URL"},
+		{"bad policy rule", "upstreams:\n  - {name: a, url: https://a.example, policy: {deny: ['repo:']}}\n", "policy"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			c, err := parseServe([]string{"--config", writeConfig(t, tc.text)}, io.Discard)
@@ -146,5 +147,43 @@ func TestConfigFileErrors(t *testing.T) {
 	}
 	if _, err := parseServe([]string{"--config", "/nonexistent/slipway.yaml"}, io.Discard); err == nil {
 		t.Error("a missing config file was accepted")
+	}
+}
+
+// A policy in the config file reaches its upstream, Docker Hub names
+// normalized.
+func TestConfigPolicy(t *testing.T) {
+	c, err := parseServe([]string{"--config", writeConfig(t, `upstreams:
+  - name: docker.io
+    url: https://registry-1.docker.io
+    policy:
+      deny_by_default: true
+      allow: [alpine, "golang:1.*", "myorg/**"]
+      deny: ["alpine:*-rc*"]
+  - name: other
+    url: https://other.example
+`)}, io.Discard)
+	if err != nil {
+		t.Fatal(err)
+	}
+	specs, _, err := upstreamSpecs(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := specs[0].policy
+	if p == nil || !p.DenyByDefault || len(p.Allow) != 3 || len(p.Deny) != 1 {
+		t.Fatalf("policy = %+v", p)
+	}
+	for _, tc := range []struct {
+		repo, tag string
+		want      bool
+	}{{"library/alpine", "3.20", true}, {"library/alpine", "3.21-rc1", false}, {"library/golang", "1.22", true},
+		{"library/golang", "latest", false}, {"myorg/a/b", "x", true}, {"library/nginx", "1", false}} {
+		if got := p.Allows(tc.repo, tc.tag); got != tc.want {
+			t.Errorf("Allows(%s:%s) = %v", tc.repo, tc.tag, got)
+		}
+	}
+	if specs[1].policy != nil {
+		t.Errorf("an upstream without a policy has %+v", specs[1].policy)
 	}
 }

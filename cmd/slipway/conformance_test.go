@@ -21,8 +21,14 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/crane"
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/random"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
@@ -50,69 +56,122 @@ func TestConformance(t *testing.T) {
 		c.check(t, "push target", true)
 	})
 
-	t.Run("pull through", func(t *testing.T) {
-		up := newUpstream(t)
-		img, err := random.Image(64<<10, 2)
+	// Through the mirror, read-only, with tag lists and referrers: once in
+	// front of an upstream with the referrers API, once in front of one
+	// without (slipway then reads the referrers tag schema).
+	for _, referrersAPI := range []bool{true, false} {
+		t.Run(fmt.Sprintf("pull through, upstream referrers API %v", referrersAPI), func(t *testing.T) {
+			pullThroughConformance(t, suite, referrersAPI)
+		})
+	}
+}
+
+func pullThroughConformance(t *testing.T, suite string, referrersAPI bool) {
+	up := newUpstream(t, registry.WithReferrersSupport(referrersAPI))
+	img, err := random.Image(64<<10, 2)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img = mutate.MediaType(img, types.OCIManifestSchema1)
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
+	if err := crane.Push(img, up.host+"/seeded/app:v1", crane.Insecure); err != nil {
+		t.Fatal(err)
+	}
+	for _, tag := range []string{"v2", "v3", "latest"} {
+		if err := crane.Push(img, up.host+"/seeded/app:"+tag, crane.Insecure); err != nil {
+			t.Fatal(err)
+		}
+	}
+	d, _ := img.Digest()
+	m, _ := img.Manifest()
+	blobs := []string{m.Config.Digest.String()}
+	for _, l := range m.Layers {
+		blobs = append(blobs, l.Digest.String())
+	}
+	pushReferrer(t, up, "seeded/app", img, !referrersAPI)
+	addr := freeAddr(t)
+	p := start(t, nil, "serve", "--listen", addr, "--data-dir", t.TempDir(),
+		"--upstream", up.url, "--push=false", "--log-level", "warn")
+	p.waitReady(t, addr)
+	env := []string{
+		"OCI_REGISTRY=" + addr,
+		"OCI_REPO1=seeded/app",
+		"OCI_REPO2=seeded/other",
+		"OCI_API_PUSH=false",
+		"OCI_API_BLOBS_DELETE=false",
+		"OCI_API_MANIFESTS_DELETE=false",
+		"OCI_API_TAGS_DELETE=false",
+		// This suite version never captures the response of a
+		// manifest GET or HEAD for read-only data (it has no bytes to
+		// compare), so with the header required it fails every
+		// registry. Blob digest headers stay required.
+		"OCI_API_MANIFESTS_DIGEST_HEADER=false",
+	}
+	roData := []string{
+		"OCI_RO_DATA_TAGS=v1 v2 v3 latest",
+		"OCI_RO_DATA_MANIFESTS=" + d.String(),
+		"OCI_RO_DATA_BLOBS=" + strings.Join(blobs, " "),
+		"OCI_RO_DATA_REFERRERS=" + d.String(),
+	}
+	// With OCI_API_PUSH=false, this suite version panics writing its
+	// results (it records a status for the blob API tests it skipped
+	// without their data set), and a data set a filter left untested
+	// has a status it cannot write. So each branch that can run
+	// read-only runs on its own, through OCI_FILTER_TEST, and only the
+	// read-only branch gets the seeded data.
+	var total junitCounts
+	for _, branch := range []string{"ping", "empty", "missing-manifest", "invalid-digest-format", "read-only"} {
+		benv := append(slices.Clone(env), "OCI_FILTER_TEST=OCI Conformance Test/"+branch)
+		if branch == "read-only" {
+			benv = append(benv, roData...)
+		}
+		c := runConformance(t, suite, benv)
+		c.check(t, "pull through, "+branch, false)
+		total.add(c.counts)
+	}
+	t.Logf("conformance (pull through, all branches): %d checks: %d pass, %d fail, %d error, %d skip, %d disabled",
+		total.Tests, total.passed(), total.Failures, total.Errors, total.Skipped, total.Disabled)
+}
+
+// pushReferrer puts an SBOM-like artifact that refers to subject into
+// repo at the upstream. tagSchema: also the referrers tag (sha256-<hex>)
+// an upstream without the referrers API needs, as clients write it.
+func pushReferrer(t *testing.T, up *fakeUpstream, repo string, subject v1.Image, tagSchema bool) v1.Image {
+	t.Helper()
+	sd, err := partial.Descriptor(subject)
+	if err != nil {
+		t.Fatal(err)
+	}
+	art, err := random.Image(1<<10, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	art = mutate.MediaType(art, types.OCIManifestSchema1)
+	art = mutate.ConfigMediaType(art, "application/vnd.example.sbom")
+	art = mutate.Subject(art, *sd).(v1.Image)
+	ad, err := art.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := crane.Push(art, up.host+"/"+repo+"@"+ad.String(), crane.Insecure); err != nil {
+		t.Fatal(err)
+	}
+	if tagSchema {
+		desc, err := partial.Descriptor(art)
 		if err != nil {
 			t.Fatal(err)
 		}
-		img = mutate.MediaType(img, types.OCIManifestSchema1)
-		img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
-		if err := crane.Push(img, up.host+"/seeded/app:v1", crane.Insecure); err != nil {
+		desc.ArtifactType = "application/vnd.example.sbom"
+		idx := mutate.AppendManifests(mutate.IndexMediaType(empty.Index, types.OCIImageIndex), mutate.IndexAddendum{Add: art, Descriptor: *desc})
+		ref, err := name.ParseReference(up.host+"/"+repo+":"+strings.Replace(sd.Digest.String(), ":", "-", 1), name.Insecure)
+		if err != nil {
 			t.Fatal(err)
 		}
-		d, _ := img.Digest()
-		m, _ := img.Manifest()
-		blobs := []string{m.Config.Digest.String()}
-		for _, l := range m.Layers {
-			blobs = append(blobs, l.Digest.String())
+		if err := remote.WriteIndex(ref, idx); err != nil {
+			t.Fatal(err)
 		}
-		addr := freeAddr(t)
-		p := start(t, nil, "serve", "--listen", addr, "--data-dir", t.TempDir(),
-			"--upstream", up.url, "--push=false", "--log-level", "warn")
-		p.waitReady(t, addr)
-		env := []string{
-			"OCI_REGISTRY=" + addr,
-			"OCI_REPO1=seeded/app",
-			"OCI_REPO2=seeded/other",
-			"OCI_API_PUSH=false",
-			"OCI_API_BLOBS_DELETE=false",
-			"OCI_API_MANIFESTS_DELETE=false",
-			"OCI_API_TAGS_DELETE=false",
-			// Neither is proxied: tags/list and referrers of a proxied
-			// repository are answered by slipway as not supported.
-			"OCI_API_TAGS_LIST=false",
-			"OCI_API_REFERRER=false",
-			// This suite version never captures the response of a
-			// manifest GET or HEAD for read-only data (it has no bytes to
-			// compare), so with the header required it fails every
-			// registry. Blob digest headers stay required.
-			"OCI_API_MANIFESTS_DIGEST_HEADER=false",
-		}
-		roData := []string{
-			"OCI_RO_DATA_TAGS=v1",
-			"OCI_RO_DATA_MANIFESTS=" + d.String(),
-			"OCI_RO_DATA_BLOBS=" + strings.Join(blobs, " "),
-		}
-		// With OCI_API_PUSH=false, this suite version panics writing its
-		// results (it records a status for the blob API tests it skipped
-		// without their data set), and a data set a filter left untested
-		// has a status it cannot write. So each branch that can run
-		// read-only runs on its own, through OCI_FILTER_TEST, and only the
-		// read-only branch gets the seeded data.
-		var total junitCounts
-		for _, branch := range []string{"ping", "missing-manifest", "invalid-digest-format", "read-only"} {
-			benv := append(slices.Clone(env), "OCI_FILTER_TEST=OCI Conformance Test/"+branch)
-			if branch == "read-only" {
-				benv = append(benv, roData...)
-			}
-			c := runConformance(t, suite, benv)
-			c.check(t, "pull through, "+branch, false)
-			total.add(c.counts)
-		}
-		t.Logf("conformance (pull through, all branches): %d checks: %d pass, %d fail, %d error, %d skip, %d disabled",
-			total.Tests, total.passed(), total.Failures, total.Errors, total.Skipped, total.Disabled)
-	})
+	}
+	return art
 }
 
 // buildConformance builds the suite from the module .ci/conformance pins.

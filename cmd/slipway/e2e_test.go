@@ -94,9 +94,9 @@ type fakeUpstream struct {
 	url  string // http://127.0.0.1:port
 }
 
-func newUpstream(t *testing.T) *fakeUpstream {
+func newUpstream(t *testing.T, opts ...registry.Option) *fakeUpstream {
 	t.Helper()
-	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	srv := httptest.NewServer(registry.New(append([]registry.Option{registry.Logger(log.New(io.Discard, "", 0))}, opts...)...))
 	t.Cleanup(srv.Close)
 	return &fakeUpstream{srv: srv, host: strings.TrimPrefix(srv.URL, "http://"), url: srv.URL}
 }

@@ -262,7 +262,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 		if !strings.Contains(sp.name, "/") {
 			names = append(names, sp.name)
 		}
-		ups = append(ups, mirror.Upstream{Proxy: proxy, Names: names, DockerHub: isDockerHub(sp.url)})
+		ups = append(ups, mirror.Upstream{Proxy: proxy, Names: names, DockerHub: isDockerHub(sp.url), Policy: sp.policy})
 		log.Info("upstream", "upstream", sp.name, "url", up.URL(), "aliases", strings.Join(names, ","),
 			"auth", sp.auth != nil, "default", len(ups)-1 == def)
 	}
