@@ -1,0 +1,144 @@
+// Package tiertest starts a real MinIO server for tests of the shared
+// tier: a separate process, on loopback, in a temp directory. MinIO is
+// AGPL; it is a test server only, run as a program and never imported.
+package tiertest
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Version is the MinIO module version the tests run (.ci/run builds it).
+const Version = "v0.0.0-20260212201848-7aac2a2c5b7c"
+
+// Server is a running MinIO.
+type Server struct {
+	Endpoint             string // http://127.0.0.1:port
+	AccessKey, SecretKey string
+	dir                  string
+	addr                 string
+	cmd                  *exec.Cmd
+	done                 chan struct{}
+}
+
+var buildOnce sync.Once
+
+// Binary finds the MinIO binary: $SLIPWAY_MINIO, else the one .ci/run
+// caches (~/.cache/slipway-tools/minio-<version>/minio), else it builds it
+// there with go install (about 2 to 4 minutes, 1.5 GB of memory).
+func Binary(t testing.TB) string {
+	t.Helper()
+	if p := os.Getenv("SLIPWAY_MINIO"); p != "" {
+		return p
+	}
+	home, err := os.UserCacheDir()
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(home, "slipway-tools", "minio-"+Version[len(Version)-12:])
+	bin := filepath.Join(dir, "minio")
+	buildOnce.Do(func() {
+		if _, err := os.Stat(bin); err == nil {
+			return
+		}
+		t.Logf("building MinIO %s into %s (go install; minutes)", Version, dir)
+		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
+		defer cancel()
+		cmd := exec.CommandContext(ctx, "go", "install", "github.com/minio/minio@"+Version)
+		cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("building MinIO: %v\n%s", err, out)
+		}
+	})
+	if _, err := os.Stat(bin); err != nil {
+		t.Fatalf("MinIO binary: %v", err)
+	}
+	return bin
+}
+
+// Start runs MinIO on a free loopback port with a fresh data directory;
+// it is stopped when the test ends.
+func Start(t testing.TB) *Server {
+	t.Helper()
+	s := &Server{dir: t.TempDir(), AccessKey: "slipway", SecretKey: randomHex(16)}
+	s.addr = freeAddr(t)
+	s.Endpoint = "http://" + s.addr
+	s.Restart(t)
+	t.Cleanup(func() { s.Stop(t) })
+	return s
+}
+
+// Restart starts MinIO again on the same address and data (after Stop).
+func (s *Server) Restart(t testing.TB) {
+	t.Helper()
+	console := freeAddr(t)
+	cmd := exec.Command(Binary(t), "server", s.dir, "--address", s.addr, "--console-address", console, "--quiet")
+	cmd.Env = append(os.Environ(), "MINIO_ROOT_USER="+s.AccessKey, "MINIO_ROOT_PASSWORD="+s.SecretKey,
+		"MINIO_BROWSER=off", "MINIO_UPDATE=off", "MINIO_CI_CD=on")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	s.cmd, s.done = cmd, make(chan struct{})
+	go func() { cmd.Wait(); close(s.done) }()
+	deadline := time.Now().Add(30 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(s.Endpoint + "/minio/health/ready")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		select {
+		case <-s.done:
+			t.Fatal("MinIO exited at start")
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatal("MinIO not ready within 30 s")
+}
+
+// Stop kills MinIO and waits for it (by its process group).
+func (s *Server) Stop(t testing.TB) {
+	if s.cmd == nil {
+		return
+	}
+	syscall.Kill(-s.cmd.Process.Pid, syscall.SIGKILL)
+	select {
+	case <-s.done:
+	case <-time.After(10 * time.Second):
+		t.Errorf("MinIO pid %d still running 10 s after SIGKILL", s.cmd.Process.Pid)
+	}
+	s.cmd = nil
+}
+
+func freeAddr(t testing.TB) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().String()
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// String is the server's address, for logs.
+func (s *Server) String() string { return fmt.Sprintf("MinIO at %s", s.Endpoint) }
