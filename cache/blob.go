@@ -101,6 +101,18 @@ type BlobWriter struct {
 	// links it into place instead of renaming it, and nothing removes it:
 	// a commit that fails for a reason that may pass can be retried.
 	keep bool
+	// fromShared: the bytes come from the fleet's shared tier or from the
+	// replica that puts them there; nothing to send.
+	fromShared bool
+}
+
+// FromShared marks a writer whose bytes come from the fleet's shared tier,
+// or from a peer replica that sends them there itself: its commit queues
+// nothing for the shared tier. Call it before Commit.
+func (w *BlobWriter) FromShared() {
+	w.mu.Lock()
+	w.fromShared = true
+	w.mu.Unlock()
 }
 
 // NewBlobWriter starts a blob whose digest will use alg (sha256 if empty).
@@ -290,8 +302,23 @@ func (s *Store) commitFile(w *BlobWriter, d digest.Digest, size int64, origin Or
 		return s.writeErr("fsync blob directory", err)
 	}
 	_, statErr := s.StatBlob(d)
-	if err := s.ix.set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: size, Origin: origin, StoredAt: s.now()})); err != nil {
+	err := s.ix.update(func(txn *badger.Txn) error {
+		if err := txn.Set(keyBlob(d), encodeBlob(BlobInfo{Digest: d, Size: size, Origin: origin, StoredAt: s.now()})); err != nil {
+			return err
+		}
+		if origin == OriginPulled && !w.fromShared {
+			return s.queueIn(txn, keyQueueBlob(d))
+		}
+		return nil
+	})
+	if err != nil {
 		return err
+	}
+	if origin == OriginPulled && !w.fromShared && s.shared != nil {
+		select {
+		case s.queueKick <- struct{}{}:
+		default:
+		}
 	}
 	placed = false
 	if !w.keep {

@@ -55,6 +55,14 @@ type declaredWrites struct {
 // A blob already stored is not written again: the body is only hashed, and
 // the push counts as a use of the blob.
 func (s *Store) WriteDeclared(d digest.Digest, r io.Reader, size int64, origin Origin) error {
+	err := s.writeDeclared(d, r, size, origin)
+	if err == nil && origin == OriginPushed && s.shared != nil {
+		err = s.ensureShared(d) // acknowledged once the fleet has it
+	}
+	return err
+}
+
+func (s *Store) writeDeclared(d digest.Digest, r io.Reader, size int64, origin Origin) error {
 	if err := d.Validate(); err != nil {
 		return err
 	}

@@ -177,7 +177,7 @@ func (s *Store) planEviction(need int64) ([]candidate, error) {
 				var err error
 				info, err = decodeBlob(d, v)
 				return err
-			}) != nil || info.Origin != OriginPulled || pins[d] || open[d] {
+			}) != nil || (info.Origin != OriginPulled && s.shared == nil) || pins[d] || open[d] {
 				return nil
 			}
 			consider(candidate{d: d, k: kindBlob, size: info.Size, at: max(info.StoredAt.UnixNano(), access)})
@@ -192,7 +192,7 @@ func (s *Store) planEviction(need int64) ([]candidate, error) {
 				var err error
 				origin, err = manifestOrigin(v)
 				return err
-			}) != nil || origin != OriginPulled || pins[d] {
+			}) != nil || (origin != OriginPulled && s.shared == nil) || pins[d] {
 				return nil
 			}
 			consider(candidate{d: d, k: kindManifest, size: manifestValueSize(item.ValueSize()), at: access})

@@ -31,6 +31,9 @@ import (
 //	'R' digest 0x00 'l' 0x00 ns 0x00 repo     -> empty: the mirror of an 'l' key
 //	'R' digest 0x00 't' 0x00 ns 0x00 repo 0x00 tag -> empty: the mirror of a 't' key
 //	'v'                                       -> index format version (1 byte)
+//	'q' 'b' 0x00 digest                       -> empty: blob waits to go to the shared tier
+//	'q' 'm' 0x00 digest                       -> empty: manifest waits to go to the shared tier
+//	'q' 't' 0x00 ns 0x00 repo 0x00 tag        -> empty: pulled tag waits to go to the shared tier
 //
 // ns is the upstream a repository is proxied from (its host, e.g.
 // "registry-1.docker.io"), or "" for a local repository that was pushed to.
@@ -58,6 +61,14 @@ const (
 	prefixVersion  = 'v'
 	prefixTagList  = 'g'
 	prefixRefIndex = 'f'
+	prefixQueue    = 'q'
+)
+
+// What a 'q' key queues.
+const (
+	queueBlob     = 'b'
+	queueManifest = 'm'
+	queueTag      = 't'
 )
 
 // What an 'R' key says refers to its digest.
@@ -100,6 +111,30 @@ func keyRefIndex(ns, repo string, subject digest.Digest) []byte {
 
 // keyBlobsOf is the prefix of the 'b' keys of one digest algorithm.
 func keyBlobsOf(alg digest.Algorithm) []byte { return join(prefixBlob, string(alg)+":") }
+
+func keyQueueBlob(d digest.Digest) []byte { return join(prefixQueue, string(queueBlob), string(d)) }
+func keyQueueManifest(d digest.Digest) []byte {
+	return join(prefixQueue, string(queueManifest), string(d))
+}
+func keyQueueTag(ns, repo, tag string) []byte {
+	return join(prefixQueue, string(queueTag), ns, repo, tag)
+}
+
+// parseQueueKey splits a 'q' key into its kind and parts.
+func parseQueueKey(k []byte) (kind byte, parts []string, ok bool) {
+	p := splitKey(k)
+	if len(p) < 2 || len(p[0]) != 1 {
+		return 0, nil, false
+	}
+	kind, parts = p[0][0], p[1:]
+	switch {
+	case (kind == queueBlob || kind == queueManifest) && len(parts) == 1:
+	case kind == queueTag && len(parts) == 3:
+	default:
+		return 0, nil, false
+	}
+	return kind, parts, true
+}
 
 // keyAll is the prefix of every key of one kind.
 func keyAll(prefix byte) []byte { return []byte{prefix} }

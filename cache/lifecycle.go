@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -253,6 +254,13 @@ func (s *Store) maintain() {
 		case <-gcTick:
 			if _, err := s.GC(GCOptions{}); err != nil && !errors.Is(err, ErrClosed) {
 				s.log.Warn("gc failed", "err", err)
+			}
+			if s.shared != nil { // one replica of the fleet wins the lease
+				ctx, cancel := context.WithTimeout(context.Background(), time.Hour)
+				if _, err := s.SharedGC(ctx, GCOptions{}); err != nil {
+					s.log.Warn("shared gc failed", "err", err)
+				}
+				cancel()
 			}
 			continue
 		}

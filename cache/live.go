@@ -27,7 +27,9 @@ import (
 //     grace (GC only): its last use, in the index or still in memory;
 //   - for eviction (the budget), which removes only pulled content: it is
 //     pushed, or used since the pass planned to evict it, or a pin covers
-//     it.
+//     it. In a fleet the shared tier keeps pushed content, so a replica
+//     evicts its copy like any other; but not a blob still queued for the
+//     shared tier.
 //
 // What does not: a proxied repository's link (proxied content comes back
 // with a pull), and a subject (see References).
@@ -102,8 +104,10 @@ func (s *Store) keepForGC(txn *badger.Txn, d digest.Digest, k kind, stored, cuto
 // go. The caller holds d's lock.
 func (s *Store) keepForEviction(txn *badger.Txn, d digest.Digest, k kind, origin Origin, stored, plannedAt int64) (string, error) {
 	switch {
-	case origin != OriginPulled:
+	case origin != OriginPulled && s.shared == nil: // in a fleet the shared tier keeps it
 		return "pushed", nil
+	case k == kindBlob && s.shared != nil && queuedIn(txn, d):
+		return "still to go to the shared tier", nil
 	case k == kindBlob && s.inUse(d):
 		return "open", nil
 	case s.lastUse(txn, d, stored) > plannedAt:

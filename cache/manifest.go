@@ -46,6 +46,10 @@ type ManifestPut struct {
 	// or mounted there, and still stored as pushed content), with the size
 	// the manifest gives (else ErrRefUnknown, ErrRefSize).
 	Local bool
+
+	// FromShared: the manifest comes from the fleet's shared tier, or from
+	// the replica that puts it there; nothing to send there.
+	FromShared bool
 }
 
 // PutManifest stores p.Manifest, keyed by its digest (verified here), with
@@ -91,11 +95,28 @@ func (s *Store) PutManifest(p ManifestPut) error {
 	}
 	defer s.lockAll(locked)()
 
+	if p.Local && s.shared != nil {
+		// In a fleet the shared tier says what the repository holds (a
+		// replica may hold nothing of a push another took), and takes
+		// the manifest before this replica does.
+		ctx, cancel := tierCtx()
+		for _, h := range held {
+			if err := s.sharedHeld(ctx, p.Repo, h); err != nil {
+				cancel()
+				return err
+			}
+		}
+		cancel()
+		p.Manifest = m
+		if err := s.putSharedManifest(p, held); err != nil {
+			return err
+		}
+	}
 	now := s.now()
 	var added, wrote bool
 	err = s.ix.update(func(txn *badger.Txn) error {
 		added, wrote = false, false
-		if p.Local {
+		if p.Local && s.shared == nil {
 			if err := s.checkHeld(txn, p.NS, p.Repo, held); err != nil {
 				return err
 			}
@@ -118,6 +139,11 @@ func (s *Store) PutManifest(p ManifestPut) error {
 		if added {
 			if err := putHolds(txn, m.Digest, held); err != nil {
 				return err
+			}
+			if !p.Local && !p.FromShared {
+				if err := s.queueIn(txn, keyQueueManifest(m.Digest)); err != nil {
+					return err
+				}
 			}
 		}
 		if err := txn.Set(keyAccess(m.Digest), encodeTime(now.UnixNano())); err != nil {
@@ -225,8 +251,31 @@ func (s *Store) lockAll(keys []string) func() {
 }
 
 // GetManifest returns the manifest stored under d, or ErrNotFound. The
-// returned bytes are the caller's to keep.
+// returned bytes are the caller's to keep. In a fleet, a manifest this
+// replica lacks is read from the shared tier (and kept here).
 func (s *Store) GetManifest(d digest.Digest) (Manifest, error) {
+	m, err := s.localManifest(d)
+	if s.shared == nil || !errors.Is(err, ErrNotFound) {
+		return m, err
+	}
+	ctx, cancel := tierCtx()
+	defer cancel()
+	b, mt, terr := s.shared.Manifest(ctx, d)
+	if terr != nil {
+		if down(terr) {
+			return Manifest{}, err
+		}
+		return Manifest{}, sharedErr(terr)
+	}
+	m = Manifest{Digest: d, MediaType: mt, Bytes: b, Origin: OriginPulled}
+	if err := s.PutManifest(ManifestPut{Manifest: m, FromShared: true}); err != nil {
+		return Manifest{}, err
+	}
+	return s.localManifest(d)
+}
+
+// localManifest is GetManifest of this replica's own copy.
+func (s *Store) localManifest(d digest.Digest) (Manifest, error) {
 	if m, ok := s.hot.get(d); ok {
 		m.Bytes = bytes.Clone(m.Bytes)
 		return m, nil
@@ -246,19 +295,77 @@ func (s *Store) GetManifest(d digest.Digest) (Manifest, error) {
 }
 
 // SetTag points ns/repo:tag at t; the manifest must be stored (else
-// ErrNotFound).
+// ErrNotFound). In a fleet, a pulled tag goes to the shared tier behind
+// the answer, so that any replica can serve it.
 func (s *Store) SetTag(ns, repo, tag string, t Tag) error {
+	return s.setTagQueued(ns, repo, tag, t, true)
+}
+
+// SetTagFromPeer is SetTag for a pulled tag another replica of the fleet
+// fetched: that replica sends it to the shared tier.
+func (s *Store) SetTagFromPeer(ns, repo, tag string, t Tag) error {
+	return s.setTagQueued(ns, repo, tag, t, false)
+}
+
+func (s *Store) setTagQueued(ns, repo, tag string, t Tag, queue bool) error {
 	defer s.locks.Lock(string(t.Digest))()
 	return s.ix.update(func(txn *badger.Txn) error {
 		if ok, err := hasIn(txn, keyManifest(t.Digest)); err != nil || !ok {
 			return errors.Join(err, fmt.Errorf("%w: manifest %s", ErrNotFound, t.Digest))
 		}
+		if queue && ns != "" {
+			if err := s.queueIn(txn, keyQueueTag(ns, repo, tag)); err != nil {
+				return err
+			}
+		}
 		return setTag(txn, ns, repo, tag, t)
 	})
 }
 
-// GetTag returns what ns/repo:tag points at, or ErrNotFound.
+// GetTag returns what ns/repo:tag points at, or ErrNotFound. In a fleet
+// the shared tier has a local repository's tags; a pulled tag this
+// replica lacks is read from it too (with the FetchedAt of the replica
+// that fetched it).
 func (s *Store) GetTag(ns, repo, tag string) (Tag, error) {
+	if s.shared != nil && ns == "" {
+		ctx, cancel := tierCtx()
+		defer cancel()
+		d, err := s.shared.Tag(ctx, repo, tag)
+		if !down(err) {
+			return Tag{Digest: d, FetchedAt: s.now()}, sharedErr(err)
+		}
+	}
+	t, err := s.localTag(ns, repo, tag)
+	if s.shared == nil || ns == "" || !errors.Is(err, ErrNotFound) {
+		return t, err
+	}
+	ctx, cancel := tierCtx()
+	defer cancel()
+	pt, terr := s.shared.GetPulledTag(ctx, ns, repo, tag)
+	if terr != nil {
+		if down(terr) {
+			return Tag{}, err
+		}
+		return Tag{}, sharedErr(terr)
+	}
+	t = Tag{Digest: pt.Digest, FetchedAt: pt.FetchedAt}
+	// The manifest too, linked into the repository with what it holds,
+	// as a pull through this replica would have left it.
+	b, mt, err := s.shared.Manifest(ctx, t.Digest)
+	if err != nil {
+		return Tag{}, sharedErr(err)
+	}
+	m := Manifest{Digest: t.Digest, MediaType: mt, Bytes: b, Origin: OriginPulled}
+	if err := s.PutManifest(ManifestPut{NS: ns, Repo: repo, Manifest: m, FromShared: true}); err != nil {
+		return Tag{}, err
+	}
+	if err := s.setTagQueued(ns, repo, tag, t, false); err != nil {
+		return Tag{}, err
+	}
+	return t, nil
+}
+
+func (s *Store) localTag(ns, repo, tag string) (Tag, error) {
 	v, err := s.ix.get(keyTag(ns, repo, tag))
 	if err != nil {
 		return Tag{}, err
@@ -268,6 +375,21 @@ func (s *Store) GetTag(ns, repo, tag string) (Tag, error) {
 
 // DeleteTag removes ns/repo:tag. A missing tag is ErrNotFound.
 func (s *Store) DeleteTag(ns, repo, tag string) error {
+	if s.shared != nil && ns == "" {
+		ctx, cancel := tierCtx()
+		defer cancel()
+		if _, err := s.shared.Tag(ctx, repo, tag); err != nil {
+			return sharedErr(err)
+		}
+		if err := s.shared.DeleteTag(ctx, repo, tag); err != nil {
+			return sharedErr(err)
+		}
+		err := s.ix.update(func(txn *badger.Txn) error {
+			_, err := deleteTag(txn, ns, repo, tag)
+			return err
+		})
+		return err
+	}
 	return s.ix.update(func(txn *badger.Txn) error {
 		ok, err := deleteTag(txn, ns, repo, tag)
 		if err == nil && !ok {
@@ -280,6 +402,14 @@ func (s *Store) DeleteTag(ns, repo, tag string) error {
 // Tags lists the tags of ns/repo in lexical order, at most n of them
 // (n <= 0: all) starting after last.
 func (s *Store) Tags(ns, repo string, last string, n int) ([]string, error) {
+	if s.shared != nil && ns == "" {
+		ctx, cancel := tierCtx()
+		defer cancel()
+		tags, err := s.shared.Tags(ctx, repo)
+		if !down(err) {
+			return page(tags, last, n), sharedErr(err)
+		}
+	}
 	return s.ix.keysWithPrefix(keyTagPrefix(ns, repo), last, n)
 }
 
@@ -289,6 +419,15 @@ func (s *Store) Tags(ns, repo string, last string, n int) ([]string, error) {
 func (s *Store) Link(ns, repo string, digests ...digest.Digest) error {
 	if len(digests) == 0 {
 		return nil
+	}
+	if s.shared != nil && ns == "" {
+		ctx, cancel := tierCtx()
+		defer cancel()
+		for _, d := range digests {
+			if err := s.shared.Link(ctx, repo, d); err != nil {
+				return sharedErr(err)
+			}
+		}
 	}
 	return s.ix.update(func(txn *badger.Txn) error {
 		for _, d := range digests {
@@ -302,12 +441,27 @@ func (s *Store) Link(ns, repo string, digests ...digest.Digest) error {
 
 // Linked reports whether ns/repo references d.
 func (s *Store) Linked(ns, repo string, d digest.Digest) (bool, error) {
+	if s.shared != nil && ns == "" {
+		ctx, cancel := tierCtx()
+		defer cancel()
+		ok, err := s.shared.Linked(ctx, repo, d)
+		if !down(err) {
+			return ok, sharedErr(err)
+		}
+	}
 	return s.ix.has(keyLink(ns, repo, d))
 }
 
 // Unlink removes the reference from ns/repo to d. A missing link is not an
 // error.
 func (s *Store) Unlink(ns, repo string, d digest.Digest) error {
+	if s.shared != nil && ns == "" {
+		ctx, cancel := tierCtx()
+		defer cancel()
+		if err := s.shared.Unlink(ctx, repo, d); err != nil {
+			return sharedErr(err)
+		}
+	}
 	return s.ix.update(func(txn *badger.Txn) error {
 		_, err := unlink(txn, ns, repo, d)
 		return err

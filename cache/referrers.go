@@ -45,6 +45,13 @@ func Referrer(m Manifest) (subject digest.Digest, desc v1.Descriptor, ok bool) {
 // order.
 func (s *Store) ReferrerDescriptors(ns, repo string, subject digest.Digest) ([]v1.Descriptor, error) {
 	raw, err := s.Referrers(ns, repo, subject)
+	if s.shared != nil && ns == "" {
+		ctx, cancel := tierCtx()
+		defer cancel()
+		if shared, serr := s.shared.Referrers(ctx, repo, subject); !down(serr) {
+			raw, err = shared, sharedErr(serr)
+		}
+	}
 	if err != nil {
 		return nil, err
 	}

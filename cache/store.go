@@ -18,6 +18,8 @@ import (
 	"github.com/dgraph-io/badger/v4"
 	"github.com/opencontainers/go-digest"
 
+	"slipway/cache/tier"
+
 	_ "crypto/sha256" // digest algorithms the store accepts
 	_ "crypto/sha512"
 )
@@ -83,6 +85,12 @@ type Options struct {
 	// WrapWrite, if set, wraps every file a blob or upload is written to:
 	// tests inject failing writers (a full disk) with it.
 	WrapWrite func(io.Writer) io.Writer
+	// Shared is the shared tier of a fleet (see shared.go); nil: this
+	// store is alone.
+	Shared *tier.Client
+	// UploadIDPrefix starts every upload id, so that any replica of a
+	// fleet can tell which one holds an upload session ("<prefix>.<hex>").
+	UploadIDPrefix string
 }
 
 // Store is the content-addressed store. It is safe for concurrent use.
@@ -98,6 +106,10 @@ type Store struct {
 	life     lifecycle
 	hot      hotManifests   // manifests read last, in memory
 	declared declaredWrites // pushes of a declared digest in flight
+
+	shared    *tier.Client  // the fleet's shared tier; nil: alone
+	queueKick chan struct{} // asks the drain loop to send the queue now
+	absent    existsCache   // local repositories the shared tier does not have
 
 	stop      chan struct{}
 	wg        sync.WaitGroup
@@ -166,7 +178,8 @@ func Open(dir string, opt Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache: open index: %w", err)
 	}
-	s := &Store{dir: dir, ix: index{db}, log: opt.Logger, now: opt.Now, opt: opt, stop: make(chan struct{})}
+	s := &Store{dir: dir, ix: index{db}, log: opt.Logger, now: opt.Now, opt: opt, stop: make(chan struct{}),
+		shared: opt.Shared, queueKick: make(chan struct{}, 1)}
 	s.life.init()
 	if opt.MaxSize > 0 {
 		s.life.budgetHigh = s.highMark()
@@ -181,6 +194,10 @@ func Open(dir string, opt Options) (*Store, error) {
 	s.wg.Add(2)
 	go s.gcLoop(opt.GCInterval)
 	go s.maintain()
+	if s.shared != nil {
+		s.wg.Add(1)
+		go s.drain()
+	}
 	return s, nil
 }
 

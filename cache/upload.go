@@ -65,8 +65,12 @@ func (s *Store) CreateUpload(repo string, ttl time.Duration) (Upload, error) {
 		os.Remove(path)
 		return Upload{}, err
 	}
+	id := hex.EncodeToString(b[:])
+	if s.opt.UploadIDPrefix != "" {
+		id = s.opt.UploadIDPrefix + "." + id
+	}
 	u := uploadState{
-		Upload: Upload{ID: hex.EncodeToString(b[:]), Repo: repo, StartedAt: s.now()},
+		Upload: Upload{ID: id, Repo: repo, StartedAt: s.now()},
 		temp:   filepath.Base(path),
 		hash:   state,
 	}
@@ -216,7 +220,12 @@ func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d
 		// The whole blob in one request, its digest named first. As
 		// below: a body that does not arrive whole, or does not land,
 		// leaves the upload as it was; a wrong digest ends it.
-		err := s.WriteDeclared(d, r, want, origin)
+		err := s.writeDeclared(d, r, want, origin)
+		if err == nil {
+			if err := s.toShared(d, origin); err != nil {
+				return BlobInfo{}, err
+			}
+		}
 		if err != nil && !endsUpload(err) {
 			return BlobInfo{}, err
 		}
@@ -230,6 +239,11 @@ func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d
 		return BlobInfo{}, fmt.Errorf("%w: chunk starts at %d, upload has %d bytes", ErrUploadOffset, offset, u.Size)
 	}
 	err = s.commitUpload(u, d, origin)
+	if err == nil {
+		if err := s.toShared(d, origin); err != nil {
+			return BlobInfo{}, err
+		}
+	}
 	if err != nil && !endsUpload(err) {
 		return BlobInfo{}, err
 	}
@@ -254,6 +268,16 @@ func (s *Store) endUpload(u uploadState, d digest.Digest, commitErr error) (Blob
 		return BlobInfo{}, commitErr
 	}
 	return s.StatBlob(d)
+}
+
+// toShared puts a committed pushed blob into the fleet's shared tier: the
+// upload is acknowledged only once it is there. Until then the upload
+// stays, as after any failure that may pass, and the client may retry.
+func (s *Store) toShared(d digest.Digest, origin Origin) error {
+	if origin != OriginPushed || s.shared == nil {
+		return nil
+	}
+	return s.ensureShared(d)
 }
 
 // commitUpload commits the upload's file as blob d. The file stays the
