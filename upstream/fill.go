@@ -14,6 +14,7 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"slipway/cache"
+	"slipway/cache/tier"
 )
 
 // FillerOptions tune a Filler. The zero value is usable.
@@ -24,6 +25,9 @@ type FillerOptions struct {
 	// IdleTimeout cancels a fill whose upstream sent nothing for this long.
 	// Default 60 seconds.
 	IdleTimeout time.Duration
+	// Fleet, if set, makes the fill of a digest this replica does not own
+	// read from its owner (after the store's shared tier, if any).
+	Fleet *Fleet
 }
 
 // Filler fills the cache from upstreams: at most one fill per digest at a
@@ -37,6 +41,7 @@ type Filler struct {
 	timeout time.Duration
 	idle    time.Duration
 
+	fleet  *Fleet
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -48,6 +53,8 @@ type Filler struct {
 
 type fill struct {
 	ns, repo string
+	hop      bool          // for a peer: never asks another peer
+	local    bool          // of a local repository: from the shared tier only
 	started  chan struct{} // closed once w and size are set, or err
 	w        *cache.BlobWriter
 	size     int64
@@ -67,7 +74,7 @@ func NewFiller(s *cache.Store, o FillerOptions) *Filler {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Filler{
-		store: s, log: o.Logger, timeout: o.Timeout, idle: o.IdleTimeout,
+		store: s, log: o.Logger, timeout: o.Timeout, idle: o.IdleTimeout, fleet: o.Fleet,
 		ctx: ctx, cancel: cancel, fills: make(map[digest.Digest]*fill),
 	}
 }
@@ -115,7 +122,24 @@ func (b *Blob) Close() error {
 // fill that another repository started must first be confirmed by its own
 // upstream (invariant 9).
 func (f *Filler) fetch(ctx context.Context, up *Client, repo string, d digest.Digest) (*Blob, error) {
-	ns := up.Host()
+	return f.start(ctx, up, repo, d, false)
+}
+
+// FetchShared returns blob d of a local repository that this replica of a
+// fleet does not hold: from the store's shared tier, while it is copied
+// here. The caller checked that the repository holds it.
+func (f *Filler) FetchShared(ctx context.Context, d digest.Digest) (*Blob, error) {
+	if f.store.Shared() == nil {
+		return nil, fmt.Errorf("%w: %s", ErrNotFound, d)
+	}
+	return f.start(ctx, nil, "", d, true)
+}
+
+func (f *Filler) start(ctx context.Context, up *Client, repo string, d digest.Digest, local bool) (*Blob, error) {
+	ns := ""
+	if up != nil {
+		ns = up.Host()
+	}
 	f.mu.Lock()
 	fl, joined := f.fills[d]
 	if !joined {
@@ -123,9 +147,11 @@ func (f *Filler) fetch(ctx context.Context, up *Client, repo string, d digest.Di
 		// under the lock cannot miss a fill that just finished.
 		if file, info, err := f.store.OpenBlob(d); err == nil {
 			f.mu.Unlock()
-			if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {
-				file.Close()
-				return nil, err
+			if !local {
+				if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {
+					file.Close()
+					return nil, err
+				}
 			}
 			return &Blob{File: file, Size: info.Size, Source: SourceHit}, nil
 		}
@@ -133,7 +159,7 @@ func (f *Filler) fetch(ctx context.Context, up *Client, repo string, d digest.Di
 			f.mu.Unlock()
 			return nil, fmt.Errorf("%w: shutting down", ErrUnavailable)
 		}
-		fl = &fill{ns: ns, repo: repo, started: make(chan struct{})}
+		fl = &fill{ns: ns, repo: repo, hop: IsHop(ctx), local: local, started: make(chan struct{})}
 		f.fills[d] = fl
 		f.wg.Add(1)
 		go f.run(fl, up, repo, d)
@@ -143,7 +169,7 @@ func (f *Filler) fetch(ctx context.Context, up *Client, repo string, d digest.Di
 		f.joins.Add(1)
 	}
 
-	if joined && (fl.ns != ns || fl.repo != repo) {
+	if joined && !local && (fl.ns != ns || fl.repo != repo) {
 		if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {
 			return nil, err
 		}
@@ -180,14 +206,15 @@ func confirmBlob(ctx context.Context, s *cache.Store, up *Client, repo string, d
 	return s.Link(up.Host(), repo, d)
 }
 
-// run is one fill: upstream GET, stream into a BlobWriter, verify, commit.
+// run is one fill: a GET (from the shared tier, the owner, or the
+// upstream), streamed into a BlobWriter, verified, committed.
 func (f *Filler) run(fl *fill, up *Client, repo string, d digest.Digest) {
 	defer f.wg.Done()
 	start := time.Now()
 	ctx, cancel := context.WithTimeout(f.ctx, f.timeout)
 	defer cancel()
 
-	err := f.fill(ctx, cancel, fl, up, repo, d)
+	from, err := f.fill(ctx, cancel, fl, up, repo, d)
 
 	f.mu.Lock()
 	delete(f.fills, d)
@@ -198,30 +225,72 @@ func (f *Filler) run(fl *fill, up *Client, repo string, d digest.Digest) {
 	f.mu.Unlock()
 
 	if err != nil {
-		f.log.Warn("fill failed", "upstream", up.Host(), "repo", repo, "digest", d, "dur", time.Since(start), "err", err)
+		f.log.Warn("fill failed", "upstream", fl.ns, "repo", repo, "digest", d, "from", from, "dur", time.Since(start), "err", err)
 		return
 	}
-	f.log.Info("fill done", "upstream", up.Host(), "repo", repo, "digest", d, "bytes", fl.size, "dur", time.Since(start))
+	f.log.Info("fill done", "upstream", fl.ns, "repo", repo, "digest", d, "from", from, "bytes", fl.size, "dur", time.Since(start))
 }
 
-func (f *Filler) fill(ctx context.Context, cancel context.CancelFunc, fl *fill, up *Client, repo string, d digest.Digest) error {
+// source opens the blob's body: from the store's shared tier if it has it,
+// else (for a proxied repository) from the digest's owner in the fleet if
+// that is another replica, else from the upstream. It says which.
+func (f *Filler) source(ctx context.Context, fl *fill, up *Client, repo string, d digest.Digest) (io.ReadCloser, int64, string, error) {
+	if sh := f.store.Shared(); sh != nil {
+		body, size, err := sh.Blob(ctx, d)
+		switch {
+		case err == nil && !fl.local:
+			// The shared tier holds what any repository pulled: this
+			// one must reference it (invariant 9), as for a stored blob.
+			if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {
+				body.Close()
+				return nil, 0, "shared", err
+			}
+			return body, size, "shared", nil
+		case err == nil:
+			return body, size, "shared", nil
+		case fl.local:
+			return nil, 0, "shared", fmt.Errorf("%w: %s in the shared tier: %v", ErrUnavailable, d, err)
+		case !errors.Is(err, tier.ErrNotFound):
+			f.log.Warn("the shared tier is unavailable: filling from elsewhere", "digest", d, "err", err)
+		}
+	}
+	if f.fleet != nil && !fl.hop {
+		if owner, self := f.fleet.Owner(string(d)); !self {
+			body, size, err := f.fleet.GetBlob(ctx, owner, up.Host(), repo, d)
+			if err == nil {
+				return body, size, "peer " + owner, nil
+			}
+			if !errors.Is(err, ErrPeerDown) {
+				return nil, 0, "peer " + owner, err
+			}
+			f.log.Warn("fleet: the owner is unreachable: filling from the upstream", "peer", owner, "digest", d, "err", err)
+		}
+	}
+	body, size, err := up.GetBlob(ctx, repo, d)
+	return body, size, "upstream", err
+}
+
+func (f *Filler) fill(ctx context.Context, cancel context.CancelFunc, fl *fill, up *Client, repo string, d digest.Digest) (string, error) {
 	w, err := f.store.NewBlobWriter(d.Algorithm())
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer w.Cancel()
-	body, size, err := up.GetBlob(ctx, repo, d)
+	body, size, from, err := f.source(ctx, fl, up, repo, d)
 	if err != nil {
-		return err
+		return from, err
 	}
 	defer body.Close()
+	if from != "upstream" {
+		w.FromShared() // the shared tier has it, or its owner puts it there
+	}
 
 	f.mu.Lock()
 	fl.w, fl.size = w, size
 	close(fl.started)
 	f.mu.Unlock()
 
-	// An upstream that stops sending cancels the fill after the idle timeout.
+	// A source that stops sending cancels the fill after the idle timeout.
 	idle := time.AfterFunc(f.idle, cancel)
 	defer idle.Stop()
 	bufp := copyBufs.Get().(*[]byte)
@@ -234,12 +303,19 @@ func (f *Filler) fill(ctx context.Context, cancel context.CancelFunc, fl *fill, 
 			err = classify(err)
 		}
 		w.Abort(err)
-		return err
+		return from, err
 	}
-	if err := w.Commit(d, size, cache.OriginPulled); err != nil {
-		return err
+	origin := cache.OriginPulled
+	if fl.local {
+		origin = cache.OriginPushed
 	}
-	return f.store.Link(up.Host(), repo, d)
+	if err := w.Commit(d, size, origin); err != nil {
+		return from, err
+	}
+	if fl.local {
+		return from, nil
+	}
+	return from, f.store.Link(up.Host(), repo, d)
 }
 
 // copyBufs are big enough that one fill wakes its followers rarely.

@@ -47,6 +47,10 @@ type ProxyOptions struct {
 	StaleOn404 bool
 	// Now is the clock; tests inject one. Default time.Now.
 	Now func() time.Time
+	// Fleet, if set, sends the manifest fetches and tag revalidations of a
+	// repository this replica does not own to its owner, so that an
+	// upstream's manifest limits are spent once per fleet.
+	Fleet *Fleet
 }
 
 // Proxy serves one upstream's repositories through the cache.
@@ -61,6 +65,7 @@ type Proxy struct {
 	flights  singleflight.Group
 	neg      *negativeCache
 	stale404 bool
+	fleet    *Fleet
 }
 
 // NewProxy serves up through store, filling blobs with fills (shared by
@@ -83,7 +88,7 @@ func NewProxy(up *Client, store *cache.Store, fills *Filler, o ProxyOptions) *Pr
 	}
 	return &Proxy{up: up, store: store, fills: fills, log: o.Logger,
 		tagTTL: o.TagTTL, timeout: o.ManifestTimeout, now: o.Now,
-		neg: newNegativeCache(o.NegativeTTL, o.Now), stale404: o.StaleOn404}
+		neg: newNegativeCache(o.NegativeTTL, o.Now), stale404: o.StaleOn404, fleet: o.Fleet}
 }
 
 // errRemembered answers from the negative cache.
@@ -309,7 +314,11 @@ func (p *Proxy) manifestByDigest(ctx context.Context, repo string, d digest.Dige
 	if p.neg.has(key) {
 		return cache.Manifest{}, "", errRemembered
 	}
-	v, shared, err := p.flight(ctx, "d\x00"+repo+"\x00"+string(d), func(ctx context.Context) (any, error) {
+	hop := IsHop(ctx)
+	v, shared, err := p.flight(ctx, "d\x00"+repo+"\x00"+string(d)+hopKeyPart(hop), func(ctx context.Context) (any, error) {
+		if m, _, ok, err := p.viaOwner(ctx, hop, repo, string(d), withAll(accept)); ok {
+			return m, err
+		}
 		return p.fetchManifest(ctx, repo, string(d), withAll(accept))
 	})
 	if err != nil {
@@ -343,8 +352,12 @@ func (p *Proxy) manifestByTag(ctx context.Context, repo, tag string, accept []st
 	if !ok && p.neg.has(nkey) {
 		return cache.Manifest{}, "", errRemembered
 	}
-	key := "t\x00" + repo + "\x00" + tag + "\x00" + strings.Join(accept, ",")
+	hop := IsHop(ctx)
+	key := "t\x00" + repo + "\x00" + tag + "\x00" + strings.Join(accept, ",") + hopKeyPart(hop)
 	v, shared, err := p.flight(ctx, key, func(ctx context.Context) (any, error) {
+		if r, ok, err := p.revalidateViaOwner(ctx, hop, repo, tag, accept, cached, ok); ok {
+			return r, err
+		}
 		return p.revalidate(ctx, repo, tag, accept, cached, ok)
 	})
 	if err != nil {
@@ -413,6 +426,88 @@ func (p *Proxy) revalidate(ctx context.Context, repo, tag string, accept []strin
 		}
 	}
 	return tagResult{m, SourceMiss}, nil
+}
+
+func hopKeyPart(hop bool) string {
+	if hop {
+		return "\x00hop"
+	}
+	return ""
+}
+
+// viaOwner asks the owner of repo in the fleet for manifest ref, when that
+// is another replica (and this request did not come from a peer), and
+// stores what it answers. ok is false when it is not asked, or cannot be
+// reached: then this replica asks the upstream itself.
+func (p *Proxy) viaOwner(ctx context.Context, hop bool, repo, ref string, accept []string) (cache.Manifest, time.Time, bool, error) {
+	if p.fleet == nil || hop {
+		return cache.Manifest{}, time.Time{}, false, nil
+	}
+	owner, self := p.fleet.Owner(p.ns() + "/" + repo)
+	if self {
+		return cache.Manifest{}, time.Time{}, false, nil
+	}
+	m, at, err := p.fleet.GetManifest(ctx, owner, p.ns(), repo, ref, accept)
+	if errors.Is(err, ErrPeerDown) {
+		p.log.Warn("fleet: the owner is unreachable: asking the upstream", "peer", owner, "repo", repo, "ref", ref, "err", err)
+		return cache.Manifest{}, time.Time{}, false, nil
+	}
+	if err != nil {
+		return cache.Manifest{}, time.Time{}, true, err
+	}
+	err = p.store.PutManifest(cache.ManifestPut{NS: p.ns(), Repo: repo, Manifest: m, FromShared: true})
+	if errors.Is(err, cache.ErrBadManifest) || errors.Is(err, cache.ErrBadMediaType) {
+		err = fmt.Errorf("%w: %v", ErrBadResponse, err)
+	}
+	return m, at, true, err
+}
+
+// revalidateViaOwner is revalidate done by repo's owner in the fleet: it
+// answers from its own cache within the freshness window, so the upstream
+// is asked once per fleet. ok is false when this replica does it itself.
+func (p *Proxy) revalidateViaOwner(ctx context.Context, hop bool, repo, tag string, accept []string, cached cache.Manifest, haveCached bool) (tagResult, bool, error) {
+	m, at, ok, err := p.viaOwner(ctx, hop, repo, tag, accept)
+	if !ok {
+		return tagResult{}, false, nil
+	}
+	if err != nil {
+		if haveCached && p.staleable(err) {
+			p.log.Warn("serving stale tag", "upstream", p.ns(), "repo", repo, "ref", tag, "digest", cached.Digest, "err", err)
+			return tagResult{cached, SourceStale}, true, nil
+		}
+		return tagResult{}, true, err
+	}
+	broad := len(accept) == 0 || Acceptable(mediaTypeOCIIndex, accept) || Acceptable(mediaTypeDockerList, accept)
+	if broad || isIndex(m.MediaType) {
+		err := p.store.SetTagFromPeer(p.ns(), repo, tag, cache.Tag{Digest: m.Digest, FetchedAt: at})
+		if err != nil && !errors.Is(err, cache.ErrNotFound) {
+			return tagResult{}, true, err
+		}
+	}
+	src := SourceMiss
+	if haveCached && m.Digest == cached.Digest {
+		src = SourceRevalidated
+	}
+	return tagResult{m, src}, true, nil
+}
+
+// ManifestForPeer answers a peer's request for manifest ref of repo (a
+// replica that does not own the repository): as a client would be
+// answered, never asking another peer, with when the tag (if ref is one)
+// was last confirmed.
+func (p *Proxy) ManifestForPeer(ctx context.Context, repo, ref string, accept []string) (cache.Manifest, time.Time, Source, error) {
+	ctx = WithHop(ctx)
+	m, src, err := p.Manifest(ctx, repo, ref, accept)
+	if err != nil {
+		return m, time.Time{}, src, err
+	}
+	at := p.now()
+	if _, derr := digest.Parse(ref); derr != nil {
+		if t, err := p.store.GetTag(p.ns(), repo, ref); err == nil && t.Digest == m.Digest {
+			at = t.FetchedAt
+		}
+	}
+	return m, at, src, nil
 }
 
 // fetchManifest downloads repo:ref, stores it and links repo to it and to
