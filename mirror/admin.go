@@ -80,9 +80,21 @@ func (s *Server) postGC(c echo.Context) error {
 		}
 		grace = d
 	}
-	r, err := s.store.GC(cache.GCOptions{DryRun: dry, Grace: grace})
+	o := cache.GCOptions{DryRun: dry, Grace: grace}
+	r, err := s.store.GC(o)
 	if err != nil {
 		return err
 	}
-	return c.JSON(http.StatusOK, r)
+	if s.store.Shared() == nil {
+		return c.JSON(http.StatusOK, r)
+	}
+	// In a fleet, the shared tier too, if no other replica is at it.
+	sr, err := s.store.SharedGC(c.Request().Context(), o)
+	if err != nil {
+		return err
+	}
+	return c.JSON(http.StatusOK, struct {
+		cache.GCReport
+		Shared cache.SharedGCReport `json:"shared"`
+	}{r, sr})
 }

@@ -129,6 +129,8 @@ func toOCI(err error, kind routeKind) *ociError {
 	switch {
 	case errors.Is(err, cache.ErrNoSpace):
 		return wrapError(codeInsufficientStorage, "the mirror's disk is full; try again later", err)
+	case errors.Is(err, cache.ErrSharedUnavailable):
+		return wrapError(codeUnavailable, "the fleet's shared store is unavailable; try again", err)
 	case errors.Is(err, cache.ErrGraceTooShort):
 		return wrapError(codeAdminInvalid, strings.TrimPrefix(err.Error(), "cache: "), err)
 	case errors.Is(err, push.ErrUploadUnknown):

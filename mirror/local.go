@@ -1,6 +1,7 @@
 package mirror
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -11,6 +12,7 @@ import (
 	"github.com/labstack/echo/v4"
 
 	"slipway/cache"
+	"slipway/push"
 	"slipway/upstream"
 )
 
@@ -31,9 +33,20 @@ func (s *Server) getLocalManifest(c echo.Context, repo string, r route) error {
 	return writeManifest(c, m)
 }
 
-// getLocalBlob serves a pushed blob through http.ServeContent.
+// getLocalBlob serves a pushed blob through http.ServeContent. In a
+// fleet, one this replica does not hold is streamed from the shared tier
+// while it is copied here.
 func (s *Server) getLocalBlob(c echo.Context, repo string, r route) error {
 	f, _, err := s.push.Blob(repo, r.digest)
+	if errors.Is(err, push.ErrBlobNotHere) && s.fills != nil {
+		fetch := func() (*upstream.Blob, error) { return s.fills.FetchShared(c.Request().Context(), r.digest) }
+		b, err := fetch()
+		if err != nil {
+			return err
+		}
+		c.Set(ctxSource, sourceLocal)
+		return serveBlob(c, r.digest, b, fetch)
+	}
 	if err != nil {
 		return err
 	}

@@ -120,29 +120,37 @@ func (s *Server) getBlob(c echo.Context, r route) error {
 	if err != nil {
 		return err
 	}
-	defer func() { b.Close() }()
 	setSource(c, b.Source)
-	if b.File == nil && b.Size < 0 && !c.Request().ProtoAtLeast(1, 1) {
-		// Without a Content-Length an HTTP/1.0 body ends when the
-		// connection closes, so a client cannot tell a fill cut off on a
-		// wrong digest from a whole blob. It gets the blob once it is
-		// verified and stored, with its length, or an error.
+	return serveBlob(c, r.digest, b, func() (*upstream.Blob, error) { return t.up.Proxy.Blob(ctx, t.repo, r.digest) })
+}
+
+// serveBlob sends b: a stored blob through http.ServeContent, a fill in
+// progress as it grows. A request a growing body cannot answer right gets
+// the blob once it is verified and stored (again is how to open it then):
+// one with a Range, and an HTTP/1.0 one without a length (its body ends
+// when the connection closes, so it could not tell a fill cut off on a
+// wrong digest from a whole blob).
+func serveBlob(c echo.Context, d digest.Digest, b *upstream.Blob, again func() (*upstream.Blob, error)) error {
+	defer func() { b.Close() }()
+	req := c.Request()
+	if b.File == nil && (req.Header.Get("Range") != "" || (b.Size < 0 && !req.ProtoAtLeast(1, 1))) {
 		if _, err := io.Copy(io.Discard, b.Reader); err != nil {
 			return err
 		}
 		b.Close()
-		if b, err = t.up.Proxy.Blob(ctx, t.repo, r.digest); err != nil {
+		var err error
+		if b, err = again(); err != nil {
 			return err
 		}
-		if b.File == nil && b.Size < 0 { // evicted at once and filling again
+		if b.File == nil { // evicted at once and filling again
 			return newError(codeUnavailable, "the blob is being fetched again; try again")
 		}
 	}
 	if b.File != nil {
-		serveBlobFile(c, r.digest, b.File)
+		serveBlobFile(c, d, b.File)
 		return nil
 	}
-	return streamBlob(c, r.digest, b.Reader, b.Size)
+	return streamBlob(c, d, b.Reader, b.Size)
 }
 
 func serveBlobFile(c echo.Context, d digest.Digest, f io.ReadSeeker) {

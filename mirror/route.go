@@ -37,7 +37,7 @@ type route struct {
 var (
 	nameRe = regexp.MustCompile(`^[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*)*$`)
 	tagRe  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
-	idRe   = regexp.MustCompile(`^[A-Za-z0-9_-]{1,128}$`)
+	idRe   = regexp.MustCompile(`^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$`) // "<replica>.<hex>" in a fleet
 )
 
 const maxNameLen = 255

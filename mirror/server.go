@@ -52,6 +52,9 @@ type Config struct {
 	// OpenAdmin lets anyone call the admin calls that remove content (gc,
 	// verify) when Auth is nil; otherwise they are refused.
 	OpenAdmin bool
+	// Fleet, if set, is this replica's fleet: upload sessions of other
+	// replicas are forwarded to them, and PeerHandler serves the peers.
+	Fleet *upstream.Fleet
 	// Fills, if set, is read for the fills-in-flight gauge.
 	Fills *upstream.Filler
 	// StoreStats, if set, is read at scrape time for disk, eviction and
@@ -70,6 +73,8 @@ type Server struct {
 	log       *slog.Logger
 	auth      *Auth
 	openAdmin bool
+	fleet     *upstream.Fleet
+	fills     *upstream.Filler
 	metrics   *metrics
 	draining  atomic.Bool
 }
@@ -92,7 +97,8 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Store == nil {
 		return nil, errors.New("mirror: no store")
 	}
-	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, push: cfg.Push, log: cfg.Logger, auth: cfg.Auth, openAdmin: cfg.OpenAdmin}
+	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, push: cfg.Push, log: cfg.Logger, auth: cfg.Auth, openAdmin: cfg.OpenAdmin,
+		fleet: cfg.Fleet, fills: cfg.Fills}
 	s.metrics = newMetrics(s, cfg.Fills, cfg.StoreStats)
 	for i := range s.upstreams {
 		u := &s.upstreams[i]
@@ -191,6 +197,11 @@ func (s *Server) dispatch(c echo.Context) error {
 			return s.postUpload(c, r)
 		}
 	case routeUpload:
+		if s.fleet != nil && !upstream.IsHop(c.Request().Context()) {
+			if owner, _, _ := strings.Cut(r.upload, "."); owner != s.fleet.ID() {
+				return s.forwardUpload(c, owner)
+			}
+		}
 		switch m {
 		case http.MethodGet:
 			return s.getUpload(c, r)
@@ -279,11 +290,14 @@ func (s *Server) resolveNS(ns, name string) (target, error) {
 		}
 	}
 	if s.push != nil {
+		if s.push.Claims(name) || s.def == nil {
+			return target{repo: name, local: true}, nil
+		}
 		local, err := s.push.Exists(name)
 		if err != nil {
 			return target{}, err
 		}
-		if local || s.push.Claims(name) || s.def == nil {
+		if local {
 			return target{repo: name, local: true}, nil
 		}
 	}

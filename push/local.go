@@ -57,13 +57,18 @@ func (m *Manager) StatBlob(repo string, d digest.Digest) (cache.BlobInfo, error)
 	return info, err
 }
 
-// Blob opens blob d of repo. The caller closes the file.
+// Blob opens blob d of repo. The caller closes the file. In a fleet, a
+// blob repo holds that this replica has no copy of is ErrBlobNotHere: the
+// shared tier has it.
 func (m *Manager) Blob(repo string, d digest.Digest) (*os.File, cache.BlobInfo, error) {
 	if _, err := m.StatBlob(repo, d); err != nil {
 		return nil, cache.BlobInfo{}, err
 	}
 	f, info, err := m.store.OpenBlob(d)
 	if errors.Is(err, cache.ErrNotFound) {
+		if m.store.Shared() != nil {
+			return nil, cache.BlobInfo{}, fmt.Errorf("%w: %s", ErrBlobNotHere, d)
+		}
 		return nil, cache.BlobInfo{}, fmt.Errorf("%w: %s", ErrBlobUnknown, d)
 	}
 	return f, info, err

@@ -30,8 +30,11 @@ var (
 	ErrManifestBlobUnknown = errors.New("push: manifest references content this repository does not have")
 	ErrManifestUnknown     = errors.New("push: manifest unknown")
 	ErrBlobUnknown         = errors.New("push: blob unknown")
-	ErrNameUnknown         = errors.New("push: repository unknown")
-	ErrDenied              = errors.New("push: denied")
+	// ErrBlobNotHere: the repository holds the blob, but this replica of a
+	// fleet has no copy; the shared tier has it.
+	ErrBlobNotHere = errors.New("push: blob not on this replica")
+	ErrNameUnknown = errors.New("push: repository unknown")
+	ErrDenied      = errors.New("push: denied")
 )
 
 // MaxManifestSize caps a pushed manifest.
