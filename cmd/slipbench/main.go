@@ -10,6 +10,7 @@
 //	slipbench run --name slipway --server 'exec slipway serve --listen "$SLIPBENCH_LISTEN" --upstream "$SLIPBENCH_UPSTREAM" --data-dir "$SLIPBENCH_DATA"'
 //	slipbench ceiling --listen ADDR --upstream URL --dir DIR
 //	slipbench compare slipway.json distribution.json ceiling.json
+//	slipbench fleet --slipway ./slipway --minio ./minio
 package main
 
 import (
@@ -34,7 +35,7 @@ func main() {
 
 func dispatch(args []string, stdout, stderr io.Writer) error {
 	if len(args) == 0 {
-		return errors.New("usage: slipbench run|ceiling|compare [flags]")
+		return errors.New("usage: slipbench run|ceiling|compare|fleet [flags]")
 	}
 	switch args[0] {
 	case "run":
@@ -43,8 +44,10 @@ func dispatch(args []string, stdout, stderr io.Writer) error {
 		return ceilingCommand(args[1:], stderr)
 	case "compare":
 		return compareCommand(args[1:], stdout)
+	case "fleet":
+		return fleetCommand(args[1:], stdout, stderr)
 	}
-	return fmt.Errorf("unknown command %q: want run, ceiling or compare", args[0])
+	return fmt.Errorf("unknown command %q: want run, ceiling, compare or fleet", args[0])
 }
 
 var allScenarios = []string{"warm-blob", "warm-manifest", "cold-fill", "push"}

@@ -2,12 +2,15 @@ package main
 
 import (
 	"bytes"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
+
+	"slipway/cache/tier/tiertest"
 )
 
 // The tool runs every scenario, small, against the real slipway binary and
@@ -164,5 +167,31 @@ func TestMergeKeepsTheBestWarmFigures(t *testing.T) {
 	}
 	if a.Push == nil {
 		t.Error("a scenario only the second run has was dropped")
+	}
+}
+
+// The fleet scenario, small, on a real MinIO: it runs, every client gets
+// its blob, and the fleet makes one upstream GET.
+func TestFleetScenario(t *testing.T) {
+	var out, log bytes.Buffer
+	js := filepath.Join(t.TempDir(), "fleet.json")
+	err := dispatch([]string{"fleet", "--slipway", filepath.Join(bins, "slipway"), "--minio", tiertest.Binary(t),
+		"--size", "8MiB", "--cold-size", "4MiB", "--clients", "9", "--json", js}, &out, &log)
+	if err != nil {
+		t.Fatalf("%v\n%s", err, log.String())
+	}
+	b, err := os.ReadFile(js)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var r fleetResult
+	if err := json.Unmarshal(b, &r); err != nil {
+		t.Fatal(err)
+	}
+	if r.Errors != 0 || r.FleetUpstreamGETs != 1 || r.SingleUpstreamGETs != 1 || r.ColdDiskGiBps <= 0 || r.DirectMinIOGiBps <= 0 {
+		t.Errorf("fleet result: %+v", r)
+	}
+	if !strings.Contains(out.String(), "1 upstream GETs") {
+		t.Errorf("output: %s", out.String())
 	}
 }

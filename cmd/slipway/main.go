@@ -85,6 +85,7 @@ type serveConfig struct {
 	uploadTTL       time.Duration
 	configPath      string
 	life            lifecycleConfig
+	fleet           fleetConfig
 	metricsListen   string
 	tlsCert         string
 	tlsKey          string
@@ -129,6 +130,7 @@ func serveFlags(stderr io.Writer) (*flag.FlagSet, *serveConfig) {
 	fs.DurationVar(&c.bodyStall, "body-stall-timeout", time.Minute, "cut off a request body (a push) that brings less than 4 KiB in this long; 0: never")
 	fs.DurationVar(&c.sendStall, "send-stall-timeout", time.Minute, "drop a client that takes in less than 256 KiB of a response in this long (it stopped reading); 0: never")
 	c.life.register(fs)
+	c.fleet.register(fs)
 	return fs, c
 }
 
@@ -230,17 +232,34 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 	if err != nil {
 		return err
 	}
+	fleet, err := c.fleet.newFleet(log)
+	if err != nil {
+		return err
+	}
+	if c.fleet.enabled() {
+		if opts.Shared, err = c.fleet.tierClient(); err != nil {
+			return err
+		}
+		if fleet != nil {
+			opts.UploadIDPrefix = fleet.ID()
+		}
+	}
 	store, err := cache.Open(c.dataDir, opts)
 	if err != nil {
 		return err
 	}
 	defer store.Close()
+	if fleet != nil {
+		fleet.Start()
+		defer fleet.Close()
+		log.Info("fleet", "self", fleet.Self(), "id", fleet.ID(), "alive", strings.Join(fleet.Alive(), ","))
+	}
 
 	specs, def, err := upstreamSpecs(c)
 	if err != nil {
 		return err
 	}
-	fills := upstream.NewFiller(store, upstream.FillerOptions{Logger: log, Timeout: c.fillTimeout, IdleTimeout: c.fillIdle})
+	fills := upstream.NewFiller(store, upstream.FillerOptions{Logger: log, Timeout: c.fillTimeout, IdleTimeout: c.fillIdle, Fleet: fleet})
 	defer fills.Close()
 	// Without --push, what was pushed before is still served.
 	pushes, err := push.New(push.Config{Store: store, Logger: log, Prefixes: splitList(c.pushPrefix),
@@ -257,7 +276,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 			return fmt.Errorf("upstream %q: %w", sp.name, err)
 		}
 		proxy := upstream.NewProxy(up, store, fills, upstream.ProxyOptions{Logger: log, TagTTL: sp.tagTTL,
-			NegativeTTL: sp.negativeTTL, StaleOn404: sp.staleOn404})
+			NegativeTTL: sp.negativeTTL, StaleOn404: sp.staleOn404, Fleet: fleet})
 		names := append([]string{}, sp.aliases...)
 		if !strings.Contains(sp.name, "/") {
 			names = append(names, sp.name)
@@ -278,6 +297,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 		Push:       pushes,
 		Auth:       auth,
 		OpenAdmin:  c.openAdmin,
+		Fleet:      fleet,
 		Fills:      fills,
 		StoreStats: storeStats(store),
 	})
@@ -309,7 +329,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 		MaxHeaderBytes:    64 << 10,
 		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
 	}
-	errc := make(chan error, 2)
+	errc := make(chan error, 3)
 	if c.tlsCert != "" {
 		// ServeTLS turns HTTP/2 on by itself.
 		go func() { errc <- hs.ServeTLS(ln, c.tlsCert, c.tlsKey) }()
@@ -326,6 +346,14 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, ready cha
 		ms = &http.Server{Handler: srv.MetricsHandler(), ReadHeaderTimeout: c.readHeader}
 		go func() { errc <- ms.Serve(mln) }()
 		log.Info("metrics serving", "addr", mln.Addr().String())
+	}
+	var ps *http.Server
+	if fleet != nil {
+		if ps, err = servePeers(c.fleet.peerListen, srv.PeerHandler(), log, errc); err != nil {
+			hs.Close()
+			return err
+		}
+		defer ps.Close()
 	}
 	log.Info("slipway serving", "addr", ln.Addr().String(), "data_dir", c.dataDir, "version", version,
 		"tls", c.tlsCert != "", "auth", auth != nil)
