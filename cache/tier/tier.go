@@ -211,10 +211,23 @@ func (c *Client) putSmall(ctx context.Context, key string, b []byte, contentType
 }
 
 // createOnce writes key if it is absent; taken already counts as done.
+// Keys written so are named by their content, so one there is the same
+// bytes: a HEAD first spares sending them again. A store that finds the
+// key taken while the body is still coming answers 412 and may close the
+// connection under the writer (MinIO does), which reads as a reset write;
+// a HEAD after a failed write tells that apart from an outage.
 func (c *Client) createOnce(ctx context.Context, key string, body io.ReadSeeker, size int64, contentType string) error {
+	if _, err := c.head(ctx, key); err == nil {
+		return nil
+	}
 	_, err := c.put(ctx, key, body, size, contentType, true, "")
 	if errors.Is(err, ErrPrecondition) {
 		return nil
+	}
+	if errors.Is(err, ErrUnavailable) {
+		if _, herr := c.head(ctx, key); herr == nil {
+			return nil
+		}
 	}
 	return err
 }
