@@ -52,6 +52,22 @@ func Binary(t testing.TB) string {
 		if _, err := os.Stat(bin); err == nil {
 			return
 		}
+		// Test binaries of several packages may get here at once: one
+		// builds, the others wait for it on the lock and then find it.
+		if err := os.MkdirAll(dir, 0o755); err != nil {
+			t.Fatal(err)
+		}
+		lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer lock.Close()
+		if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(bin); err == nil {
+			return
+		}
 		t.Logf("building MinIO %s into %s (go install; minutes)", Version, dir)
 		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 		defer cancel()
