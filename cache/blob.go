@@ -94,6 +94,7 @@ type BlobWriter struct {
 	visible int64         // bytes followers may read
 	final   bool          // visible == written and no more bytes will come
 	err     error         // set when the write failed or was canceled
+	ending  bool          // an Abort is under way
 	changed chan struct{} // closed and replaced whenever the above change
 	readers []*os.File    // followers' files, counted as readers once committed
 
@@ -452,26 +453,30 @@ func syncDir(dir string) error {
 // ErrCanceled. Cancel after Commit is a no-op.
 func (w *BlobWriter) Cancel() { w.Abort(ErrCanceled) }
 
-// Abort is Cancel with a cause: followers get err.
+// Abort is Cancel with a cause: followers get err, once the temp file is
+// gone (their open files still read), so one who learns of the failure
+// finds nothing of it left on disk.
 func (w *BlobWriter) Abort(err error) {
 	w.mu.Lock()
-	if w.err != nil || (w.final && w.path != "" && !w.isTempLocked()) {
+	if w.err != nil || w.ending || (w.final && w.path != "" && !w.isTempLocked()) {
 		w.mu.Unlock()
 		return
 	}
-	w.err = err
+	w.ending = true
 	w.final = false
 	path := w.path
-	w.notifyLocked()
 	w.mu.Unlock()
 	w.wb.stop()
-	if w.keep {
-		return
+	if !w.keep {
+		w.f.Close()
+		if w.s.isTemp(path) {
+			os.Remove(path)
+		}
 	}
-	w.f.Close()
-	if w.s.isTemp(path) {
-		os.Remove(path)
-	}
+	w.mu.Lock()
+	w.err = err
+	w.notifyLocked()
+	w.mu.Unlock()
 }
 
 func (w *BlobWriter) isTempLocked() bool { return w.s.isTemp(w.path) }
@@ -486,6 +491,9 @@ func (w *BlobWriter) Follow(ctx context.Context) (io.ReadCloser, error) {
 	defer w.mu.Unlock()
 	if w.err != nil {
 		return nil, w.err
+	}
+	if w.ending {
+		return nil, fmt.Errorf("%w: the write is ending", ErrCanceled)
 	}
 	f, err := os.Open(w.path)
 	if err != nil {

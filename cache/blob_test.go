@@ -1027,6 +1027,34 @@ func TestFollowAbort(t *testing.T) {
 	assertTmpEmpty(t, dir)
 }
 
+// A follower that learns a write failed finds its temp file gone: a fill
+// that failed leaves nothing behind by the time its waiters hear of it,
+// so a retry they make does not meet its remains.
+func TestAbortRemovesTheTempFileBeforeFollowersHear(t *testing.T) {
+	s, dir := newStore(t)
+	for i := range 50 {
+		w, err := s.NewBlobWriter("")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := w.Write(testBytes(4096, byte(i))); err != nil {
+			t.Fatal(err)
+		}
+		r := follow(t, w, context.Background())
+		if _, err := io.ReadFull(r, make([]byte, 4095)); err != nil {
+			t.Fatal(err)
+		}
+		pending := readAsync(r, 10)
+		assertBlocked(t, pending, "before Abort")
+		go w.Abort(errors.New("upstream went away"))
+		if res := await(t, pending, "after Abort"); res.err == nil {
+			t.Fatal("a follower of an aborted write read on")
+		}
+		assertTmpEmpty(t, dir)
+		r.Close()
+	}
+}
+
 func TestFollowContextCancel(t *testing.T) {
 	s, _ := newStore(t)
 	data := testBytes(100, 16)

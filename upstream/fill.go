@@ -217,7 +217,7 @@ func (f *Filler) run(fl *fill, up *Client, repo string, d digest.Digest) {
 	from, err := f.fill(ctx, cancel, fl, up, repo, d)
 
 	f.mu.Lock()
-	delete(f.fills, d)
+	f.forgetLocked(d, fl)
 	if fl.w == nil { // never started: tell the waiters why
 		fl.err = err
 		close(fl.started)
@@ -302,6 +302,11 @@ func (f *Filler) fill(ctx context.Context, cancel context.CancelFunc, fl *fill, 
 		} else if !errors.Is(err, cache.ErrCanceled) && !errors.Is(err, cache.ErrNoSpace) {
 			err = classify(err)
 		}
+		// A request from now on starts a fill of its own rather than
+		// joining this one's failure.
+		f.mu.Lock()
+		f.forgetLocked(d, fl)
+		f.mu.Unlock()
 		w.Abort(err)
 		return from, err
 	}
@@ -316,6 +321,14 @@ func (f *Filler) fill(ctx context.Context, cancel context.CancelFunc, fl *fill, 
 		return from, nil
 	}
 	return from, f.store.Link(up.Host(), repo, d)
+}
+
+// forgetLocked drops fill fl of d from the fills new requests join, if it
+// is still the one there.
+func (f *Filler) forgetLocked(d digest.Digest, fl *fill) {
+	if f.fills[d] == fl {
+		delete(f.fills, d)
+	}
 }
 
 // copyBufs are big enough that one fill wakes its followers rarely.
