@@ -91,7 +91,7 @@ func TestStoreModel(t *testing.T) {
 				repo := repos[rng.IntN(len(repos))]
 				switch op := rng.IntN(100); {
 				case op < 35:
-					r, err := e.pushImage(m, rng, pool, repo, repos)
+					r, err := e.pushImage(m, rng, pool, repo, repos, grace)
 					retries.Add(int64(r))
 					if err != nil {
 						fail("worker %d: push to %s: %v", w, repo, err)
@@ -238,7 +238,7 @@ func (e *modelEnv) pushUpstream(t *testing.T, ref string) {
 // if there, mounted from a sibling repository, or uploaded in any shape.
 // A manifest PUT that finds a blob gone (GC took it: its grace is short)
 // re-pushes and retries, as a client would; only a 201 enters the model.
-func (e *modelEnv) pushImage(m *model, rng *rand.Rand, pool [][]byte, repo string, siblings []string) (int, error) {
+func (e *modelEnv) pushImage(m *model, rng *rand.Rand, pool [][]byte, repo string, siblings []string, grace time.Duration) (int, error) {
 	config := []byte(fmt.Sprintf(`{"architecture":"amd64","os":"linux","n":%d}`, rng.Uint64()))
 	var layers [][]byte
 	for range 1 + rng.IntN(3) {
@@ -250,7 +250,9 @@ func (e *modelEnv) pushImage(m *model, rng *rand.Rand, pool [][]byte, repo strin
 		img.blobs[digest.FromBytes(b)] = int64(len(b))
 	}
 	tag := fmt.Sprintf("t%d", rng.IntN(4))
-	for attempt := 0; attempt < 5; attempt++ {
+	const attempts = 20
+	for attempt := 0; attempt < attempts; attempt++ {
+		start := time.Now()
 		for _, b := range append([][]byte{config}, layers...) {
 			if err := e.pushBlob(rng, repo, siblings, b); err != nil {
 				return attempt, err
@@ -274,8 +276,14 @@ func (e *modelEnv) pushImage(m *model, rng *rand.Rand, pool [][]byte, repo strin
 		if resp.StatusCode != http.StatusBadRequest || !strings.Contains(readAll(resp), "MANIFEST_BLOB_UNKNOWN") {
 			return attempt, want(resp, http.StatusCreated)
 		}
+		// Each blob was stored, re-pushed, mounted or HEADed since start:
+		// a use. GC may take one only if this attempt outlasted the grace
+		// (a busy machine makes some do so; they are retried).
+		if took := time.Since(start); took < grace {
+			return attempt, fmt.Errorf("manifest PUT: MANIFEST_BLOB_UNKNOWN %v after its blobs were pushed, inside the grace of %v", took, grace)
+		}
 	}
-	return 5, errors.New("manifest PUT: still MANIFEST_BLOB_UNKNOWN after 5 re-pushes")
+	return attempts, fmt.Errorf("manifest PUT: still MANIFEST_BLOB_UNKNOWN after %d re-pushes, each longer than the grace", attempts)
 }
 
 func (e *modelEnv) pushBlob(rng *rand.Rand, repo string, siblings []string, b []byte) error {
