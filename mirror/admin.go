@@ -27,7 +27,7 @@ func (s *Server) adminRoutes(e *echo.Echo) {
 // clients and the operator did not open them to everyone.
 func (s *Server) destructive(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		if s.auth == nil && !s.openAdmin {
+		if s.routing.Load().auth == nil && !s.openAdmin {
 			return newError(codeDenied, "maintenance calls that remove content need --htpasswd (or --open-admin, to let anyone who can reach the mirror call them)")
 		}
 		return next(c)

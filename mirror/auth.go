@@ -177,7 +177,7 @@ const ctxUser = "slipway.user"
 // a pull: it stores nothing a pull could not.
 func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) error {
-		a := s.auth
+		a := s.routing.Load().auth
 		req := c.Request()
 		if a == nil || publicPaths[req.URL.Path] {
 			return next(c)

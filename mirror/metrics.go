@@ -31,6 +31,9 @@ type metrics struct {
 	results  *prometheus.CounterVec // kind, result
 	bytes    *prometheus.CounterVec // source
 	denied   *prometheus.CounterVec // upstream
+	reloads  *prometheus.CounterVec // result
+	reloadOK prometheus.Gauge
+	reloadAt prometheus.Gauge
 }
 
 func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats) *metrics {
@@ -52,8 +55,24 @@ func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats) *met
 			Name: "slipway_policy_denied_total",
 			Help: "Requests refused by an upstream's pull-through policy (403 DENIED, no upstream request), by upstream.",
 		}, []string{"upstream"}),
+		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "slipway_config_reloads_total",
+			Help: "Reloads of the configuration (SIGHUP, a renewed certificate), by result: success, or failure (the old configuration stays).",
+		}, []string{"result"}),
+		reloadOK: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "slipway_config_last_reload_successful",
+			Help: "1 if the last reload of the configuration took, 0 if it failed and the configuration before it is still in use.",
+		}),
+		reloadAt: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "slipway_config_last_reload_success_timestamp_seconds",
+			Help: "When the configuration in use was loaded (at start or by the last reload that took), in Unix seconds.",
+		}),
 	}
-	m.reg.MustRegister(m.requests, m.results, m.bytes, m.denied,
+	m.reloads.WithLabelValues("success")
+	m.reloads.WithLabelValues("failure")
+	m.reloadOK.Set(1)
+	m.reloadAt.SetToCurrentTime()
+	m.reg.MustRegister(m.requests, m.results, m.bytes, m.denied, m.reloads, m.reloadOK, m.reloadAt,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		&scrapeCollector{s: s, fills: fills, stats: stats})
 	return m
@@ -84,6 +103,17 @@ func (m *metrics) observe(c echo.Context, routeName string, src upstream.Source,
 		return
 	}
 	m.bytes.WithLabelValues(source).Add(float64(c.Response().Size))
+}
+
+func (m *metrics) noteReload(err error) {
+	if err != nil {
+		m.reloads.WithLabelValues("failure").Inc()
+		m.reloadOK.Set(0)
+		return
+	}
+	m.reloads.WithLabelValues("success").Inc()
+	m.reloadOK.Set(1)
+	m.reloadAt.SetToCurrentTime()
 }
 
 // methodLabel is the method as a label: one of the methods slipway
@@ -140,7 +170,7 @@ func (sc *scrapeCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descJoins, prometheus.CounterValue, float64(sc.fills.Joins()))
 	}
 	seen := map[string]bool{}
-	for _, u := range sc.s.upstreams {
+	for _, u := range sc.s.routing.Load().upstreams {
 		cl := u.Proxy.Upstream()
 		host := cl.Host()
 		if seen[host] {

@@ -48,7 +48,7 @@ func (s *Server) PeerHandler() http.Handler {
 
 // peerUpstream finds the upstream a peer names by host.
 func (s *Server) peerUpstream(w http.ResponseWriter, r *http.Request) (*Upstream, string, bool) {
-	u, ok := s.byName[r.URL.Query().Get("ns")]
+	u, ok := s.routing.Load().byName[r.URL.Query().Get("ns")]
 	repo := r.URL.Query().Get("repo")
 	if !ok || validateName(repo) != nil {
 		http.Error(w, "no such upstream or repository", http.StatusNotFound)

@@ -35,8 +35,9 @@ func (s *Server) resolveWrite(c echo.Context, name string) (string, error) {
 	if ns := c.QueryParam("ns"); ns != "" {
 		return "", newError(codeDenied, fmt.Sprintf("?ns=%s names an upstream; pushes go only to local repositories", ns))
 	}
+	rt := s.routing.Load()
 	if first, _, ok := strings.Cut(name, "/"); ok {
-		if _, ok := s.byName[first]; ok {
+		if _, ok := rt.byName[first]; ok {
 			return "", newError(codeDenied, fmt.Sprintf("%q names an upstream; pushes go only to local repositories", first))
 		}
 	}
@@ -44,16 +45,16 @@ func (s *Server) resolveWrite(c echo.Context, name string) (string, error) {
 		return "", newError(codeDenied, fmt.Sprintf("%q matches none of the push prefixes", name))
 	}
 	local, err := s.push.Exists(name)
-	if err != nil || local || s.def == nil {
+	if err != nil || local || rt.def == nil {
 		return name, err
 	}
 	// Not local yet: refuse a name whose upstream image was pulled through,
 	// since pushing would shadow it.
-	t, err := s.targetOf(s.def, name)
+	t, err := s.targetOf(rt.def, name)
 	if err != nil {
 		return name, nil
 	}
-	host := s.def.Proxy.Upstream().Host()
+	host := rt.def.Proxy.Upstream().Host()
 	if proxied, err := s.store.HasContent(host, t.repo); err != nil {
 		return "", err
 	} else if proxied {

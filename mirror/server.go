@@ -66,18 +66,68 @@ type Config struct {
 type Server struct {
 	e         *echo.Echo
 	store     *cache.Store
-	upstreams []Upstream
-	byName    map[string]*Upstream
-	def       *Upstream
+	routing   atomic.Pointer[routing]
 	push      *push.Manager
 	log       *slog.Logger
-	auth      *Auth
 	openAdmin bool
 	fleet     *upstream.Fleet
 	fills     *upstream.Filler
 	metrics   *metrics
 	draining  atomic.Bool
 }
+
+// routing is what a reload replaces in one step: the upstreams with their
+// policies, the names that select them, the default, and the users. A
+// request reads it once where it decides, so it never sees half of a
+// reload; requests in flight finish with what they started with.
+type routing struct {
+	upstreams []Upstream
+	byName    map[string]*Upstream
+	def       *Upstream
+	auth      *Auth
+}
+
+func newRouting(ups []Upstream, def int, auth *Auth) (*routing, error) {
+	rt := &routing{upstreams: ups, byName: map[string]*Upstream{}, auth: auth}
+	for i := range rt.upstreams {
+		u := &rt.upstreams[i]
+		names := append([]string{u.Proxy.Upstream().Host()}, u.Names...)
+		if u.DockerHub {
+			names = append(names, dockerHubNames...)
+		}
+		for _, n := range names {
+			n = strings.ToLower(n)
+			if other, dup := rt.byName[n]; dup && other != u {
+				return nil, fmt.Errorf("mirror: upstream name %q is used twice", n)
+			}
+			rt.byName[n] = u
+		}
+	}
+	if len(rt.upstreams) > 0 {
+		if def < 0 || def >= len(rt.upstreams) {
+			return nil, fmt.Errorf("mirror: default upstream %d out of range", def)
+		}
+		rt.def = &rt.upstreams[def]
+	}
+	return rt, nil
+}
+
+// Reload replaces the upstreams, their pull-through policies, the default
+// and the users at once. Nothing changes if they do not fit together.
+// Requests and fills in flight are not disturbed: a fill belongs to the
+// filler, not to an upstream's entry here.
+func (s *Server) Reload(ups []Upstream, def int, auth *Auth) error {
+	rt, err := newRouting(ups, def, auth)
+	if err != nil {
+		return err
+	}
+	s.routing.Store(rt)
+	return nil
+}
+
+// NoteReload counts a reload of the configuration, failed (err) or not,
+// for slipway_config_reloads_total and the last-reload gauges.
+func (s *Server) NoteReload(err error) { s.metrics.noteReload(err) }
 
 // Keys of values handlers leave in echo.Context for the log line and the
 // error handler.
@@ -97,29 +147,12 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Store == nil {
 		return nil, errors.New("mirror: no store")
 	}
-	s := &Server{store: cfg.Store, upstreams: cfg.Upstreams, byName: map[string]*Upstream{}, push: cfg.Push, log: cfg.Logger, auth: cfg.Auth, openAdmin: cfg.OpenAdmin,
+	s := &Server{store: cfg.Store, push: cfg.Push, log: cfg.Logger, openAdmin: cfg.OpenAdmin,
 		fleet: cfg.Fleet, fills: cfg.Fills}
+	if err := s.Reload(cfg.Upstreams, cfg.Default, cfg.Auth); err != nil {
+		return nil, err
+	}
 	s.metrics = newMetrics(s, cfg.Fills, cfg.StoreStats)
-	for i := range s.upstreams {
-		u := &s.upstreams[i]
-		names := append([]string{u.Proxy.Upstream().Host()}, u.Names...)
-		if u.DockerHub {
-			names = append(names, dockerHubNames...)
-		}
-		for _, n := range names {
-			n = strings.ToLower(n)
-			if other, dup := s.byName[n]; dup && other != u {
-				return nil, fmt.Errorf("mirror: upstream name %q is used twice", n)
-			}
-			s.byName[n] = u
-		}
-	}
-	if len(s.upstreams) > 0 {
-		if cfg.Default < 0 || cfg.Default >= len(s.upstreams) {
-			return nil, fmt.Errorf("mirror: default upstream %d out of range", cfg.Default)
-		}
-		s.def = &s.upstreams[cfg.Default]
-	}
 
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
@@ -276,8 +309,9 @@ func (s *Server) permit(t target, tag string) error {
 
 // resolveNS is resolve with the ?ns= value given.
 func (s *Server) resolveNS(ns, name string) (target, error) {
+	rt := s.routing.Load()
 	if ns != "" {
-		u, ok := s.byName[strings.ToLower(ns)]
+		u, ok := rt.byName[strings.ToLower(ns)]
 		if !ok {
 			// 404 lets containerd fall back to its next host.
 			return target{}, newError(codeNameUnknown, fmt.Sprintf("upstream %q is not configured on this mirror", ns))
@@ -285,12 +319,12 @@ func (s *Server) resolveNS(ns, name string) (target, error) {
 		return s.targetOf(u, name)
 	}
 	if first, rest, ok := strings.Cut(name, "/"); ok {
-		if u, ok := s.byName[first]; ok {
+		if u, ok := rt.byName[first]; ok {
 			return s.targetOf(u, rest)
 		}
 	}
 	if s.push != nil {
-		if s.push.Claims(name) || s.def == nil {
+		if s.push.Claims(name) || rt.def == nil {
 			return target{repo: name, local: true}, nil
 		}
 		local, err := s.push.Exists(name)
@@ -301,10 +335,10 @@ func (s *Server) resolveNS(ns, name string) (target, error) {
 			return target{repo: name, local: true}, nil
 		}
 	}
-	if s.def == nil {
+	if rt.def == nil {
 		return target{}, newError(codeNameUnknown, "no upstream is configured for this name")
 	}
-	return s.targetOf(s.def, name)
+	return s.targetOf(rt.def, name)
 }
 
 func (s *Server) targetOf(u *Upstream, repo string) (target, error) {

@@ -175,6 +175,7 @@ type upstreamSpec struct {
 	url          string
 	aliases      []string
 	auth         authn.Authenticator
+	credentials  string // what auth was made of, to tell a changed one
 	tagTTL       time.Duration
 	negativeTTL  time.Duration
 	staleOn404   bool
@@ -260,6 +261,7 @@ func specOf(u upstreamConfig, tagTTL time.Duration) (upstreamSpec, error) {
 			return upstreamSpec{}, fmt.Errorf("upstream %q: token_env %s is empty", u.Name, u.TokenEnv)
 		}
 	}
+	s.credentials = u.Username + "\x00" + password + "\x00" + token
 	switch {
 	case token != "":
 		s.auth = authn.FromConfig(authn.AuthConfig{RegistryToken: token})

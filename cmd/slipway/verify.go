@@ -92,7 +92,11 @@ func parseToolFlags(fs *flag.FlagSet, args []string, stderr io.Writer) (int, boo
 // openOffline opens a data directory with no background work (recovery
 // still runs). A running server holds the index's lock: say what to do.
 func openOffline(dir, level string, stderr io.Writer, tweaks ...func(*cache.Options)) (*cache.Store, *slog.Logger, int) {
-	log, err := newLogger("text", level, stderr)
+	var log *slog.Logger
+	lv, err := parseLevel(level)
+	if err == nil {
+		log, err = newLogger("text", lv, stderr)
+	}
 	if err != nil {
 		fmt.Fprintln(stderr, "slipway:", err)
 		return nil, nil, 2
