@@ -320,11 +320,22 @@ func dockerInside(t *testing.T, dir string) {
 	if bad := sw.serverErrors(t); len(bad) > 0 {
 		t.Errorf("slipway answered with 5xx:\n%s", strings.Join(bad, "\n"))
 	}
+	if bad := sw.warnings(); len(bad) > 0 {
+		t.Errorf("slipway logged warnings or errors:\n%s", strings.Join(bad, "\n"))
+	}
+	// Docker retries failed transfers and tries the next endpoint when the
+	// mirror fails, and a retry that works hides the failure from the
+	// commands' exit codes: its log must show none.
+	if bad := d.troubles(t); len(bad) > 0 {
+		t.Errorf("dockerd logged retries or errors:\n%s", strings.Join(bad, "\n"))
+	}
 
 	// slipway shuts down cleanly; with -race, a data race would make
 	// this exit 66.
+	t0 = time.Now()
 	d.stop(t)
 	sw.stop(t, syscall.SIGTERM, 15*time.Second)
+	step("dockerd and slipway stopped", t0)
 	step("in all", began)
 }
 
@@ -785,7 +796,37 @@ func (d *dockerd) run(t *testing.T, env []string, args ...string) string {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if strings.Contains(out, "Retrying in") {
+		t.Errorf("docker %s retried a transfer:\n%s", strings.Join(args, " "), out)
+	}
 	return out
+}
+
+// troubles lists the lines of dockerd's log that say a layer transfer
+// failed (and was retried) or that an endpoint (the mirror, or the
+// registry pushed to) failed and the next one was tried. Other errors,
+// such as dockerd restarting a slow containerd at start, are not
+// slipway's.
+func (d *dockerd) troubles(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile(d.log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var bad []string
+	for _, line := range strings.Split(string(b), "\n") {
+		// A push to an insecure registry tries HTTPS first, every time.
+		if strings.Contains(line, "server gave HTTP response to HTTPS client") {
+			continue
+		}
+		for _, s := range []string{"Download failed", "Upload failed", "Attempting next endpoint", "Not continuing with"} {
+			if strings.Contains(line, s) {
+				bad = append(bad, line)
+				break
+			}
+		}
+	}
+	return bad
 }
 
 // imageInspect is what this test reads of docker image inspect.
@@ -841,6 +882,9 @@ func (d *dockerd) pushResult(ref string) pushResult {
 	out, err := d.try(nil, "push", ref)
 	if err != nil {
 		return pushResult{err: err}
+	}
+	if strings.Contains(out, "Retrying in") {
+		return pushResult{err: fmt.Errorf("docker push %s retried a transfer:\n%s", ref, out)}
 	}
 	m := pushDigestLine.FindStringSubmatch(out)
 	if m == nil {
@@ -1014,6 +1058,18 @@ func (p *proc) countRequests(t *testing.T, prefix string) int {
 		}
 	}
 	return n
+}
+
+// warnings lists slipway's log lines at WARN or ERROR.
+func (p *proc) warnings() []string {
+	var bad []string
+	for _, line := range strings.Split(p.stderr.String(), "\n") {
+		var l struct{ Level string }
+		if json.Unmarshal([]byte(line), &l) == nil && (l.Level == "WARN" || l.Level == "ERROR") {
+			bad = append(bad, line)
+		}
+	}
+	return bad
 }
 
 func (p *proc) serverErrors(t *testing.T) []string {
