@@ -226,13 +226,13 @@ func dockerInside(t *testing.T, dir string) {
 	if _, err := d.try(nil, "image", "inspect", "alpine:3.20"); err == nil {
 		t.Fatal("alpine:3.20 is still in the daemon after docker image rm")
 	}
-	alpineAsked := sw.countRequests(t, "/v2/library/alpine/manifests/")
+	alpineAsked := sw.countRequests("/v2/library/alpine/manifests/")
 	app := addr + "/ci/app:1"
 	iid := d.build(t, app, map[string]string{
 		"Dockerfile": "FROM alpine:3.20\nRUN echo built by BuildKit > /built.txt\nCOPY app.txt /app.txt\n",
 		"app.txt":    "app 1\n",
 	})
-	if sw.countRequests(t, "/v2/library/alpine/manifests/") == alpineAsked {
+	if sw.countRequests("/v2/library/alpine/manifests/") == alpineAsked {
 		t.Error("the build's FROM alpine:3.20 asked slipway for no manifest of library/alpine")
 	}
 	step("BuildKit build FROM alpine:3.20 with RUN and COPY", t0)
@@ -253,8 +253,9 @@ func dockerInside(t *testing.T, dir string) {
 	step("docker push ci/app:1, checked", t0)
 
 	// 3. Four images that share busybox's layers and one more, pushed at
-	// once into four repositories: every shared blob is uploaded by four
-	// pushes at the same moment.
+	// once into four repositories: the pushes check for, upload and
+	// cross-mount the shared blobs at the same time (dockerd joins two
+	// uploads of one layer into one, so not every push uploads each).
 	t0 = time.Now()
 	const n = 4
 	refs, iids := make([]string, n), make([]string, n)
@@ -317,7 +318,7 @@ func dockerInside(t *testing.T, dir string) {
 	if paths := up.pathsWith("/ci/"); len(paths) > 0 {
 		t.Errorf("pushed repositories reached the upstream: %v", paths)
 	}
-	if bad := sw.serverErrors(t); len(bad) > 0 {
+	if bad := sw.serverErrors(); len(bad) > 0 {
 		t.Errorf("slipway answered with 5xx:\n%s", strings.Join(bad, "\n"))
 	}
 	if bad := sw.warnings(); len(bad) > 0 {
@@ -735,9 +736,9 @@ func (d *dockerd) kill(t *testing.T) {
 }
 
 // killLeftovers kills, by pid, every live process in this pid namespace but
-// this one (containerd and its shims are not in dockerd's process group),
-// and says which there were. Zombies are skipped: they are gone once this
-// process, their reaper, exits.
+// this one (containerd, or anything else dockerd started outside its
+// process group), and says which there were. Zombies are skipped: they are
+// gone once this process, their reaper, exits.
 func killLeftovers(t *testing.T) {
 	for try := 0; try < 50; try++ {
 		var live []string
@@ -1037,8 +1038,7 @@ type slipwayRequest struct {
 	Status int    `json:"status"`
 }
 
-func (p *proc) requests(t *testing.T) []slipwayRequest {
-	t.Helper()
+func (p *proc) requests() []slipwayRequest {
 	var out []slipwayRequest
 	for _, line := range strings.Split(p.stderr.String(), "\n") {
 		var r slipwayRequest
@@ -1050,9 +1050,9 @@ func (p *proc) requests(t *testing.T) []slipwayRequest {
 }
 
 // countRequests counts slipway's requests whose path has prefix.
-func (p *proc) countRequests(t *testing.T, prefix string) int {
+func (p *proc) countRequests(prefix string) int {
 	n := 0
-	for _, r := range p.requests(t) {
+	for _, r := range p.requests() {
 		if strings.HasPrefix(r.Path, prefix) {
 			n++
 		}
@@ -1072,9 +1072,9 @@ func (p *proc) warnings() []string {
 	return bad
 }
 
-func (p *proc) serverErrors(t *testing.T) []string {
+func (p *proc) serverErrors() []string {
 	var bad []string
-	for _, r := range p.requests(t) {
+	for _, r := range p.requests() {
 		if r.Status >= 500 {
 			bad = append(bad, fmt.Sprintf("%d %s %s", r.Status, r.Method, r.Path))
 		}
