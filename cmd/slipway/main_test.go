@@ -25,6 +25,12 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if bin := os.Getenv(testBinEnv); bin != "" {
+		// This binary, run again by a test of its own inside namespaces
+		// (docker_test.go): the outer run built slipway already.
+		binPath = bin
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "slipway-e2e-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "e2e:", err)
