@@ -848,3 +848,22 @@ func countFiles(t *testing.T, dir string) int {
 	}
 	return n
 }
+
+// A Range GET of a blob not cached yet waits for the fill to store it and
+// answers 206 from the stored file. The fill's last bytes reach its reader
+// before the fill has left the fills in flight, so "open it again" must
+// wait for that, not join the ending fill and give up (the fleet's
+// conformance run got 503 "being fetched again" so).
+func TestRangeOfAnUncachedBlobIsServedOnceStored(t *testing.T) {
+	e := newPullEnv(t, false)
+	for i := range 40 {
+		b := randomBytes(t, 64<<10+i)
+		d := e.pushBlob(t, "team/app", b)
+		resp := do(t, http.MethodGet, e.url("/v2/team/app/blobs/"+string(d)), http.Header{"Range": {"bytes=10-19"}})
+		body, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusPartialContent || !bytes.Equal(body, b[10:20]) {
+			t.Fatalf("blob %d: Range of an uncached blob: %d %s", i, resp.StatusCode, body)
+		}
+	}
+}

@@ -141,20 +141,24 @@ func (f *Filler) start(ctx context.Context, up *Client, repo string, d digest.Di
 		ns = up.Host()
 	}
 	f.mu.Lock()
+	// The store first, even with a fill in flight: a fill indexes its blob
+	// before its readers get the last byte and leaves the fills only
+	// after, so a reader that has it and asks again (a Range request does)
+	// gets the stored file, not the fill that is finishing. And a fill
+	// removes itself only after indexing, so checking the store under the
+	// lock cannot miss one that just finished.
+	if file, info, err := f.store.OpenBlob(d); err == nil {
+		f.mu.Unlock()
+		if !local {
+			if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {
+				file.Close()
+				return nil, err
+			}
+		}
+		return &Blob{File: file, Size: info.Size, Source: SourceHit}, nil
+	}
 	fl, joined := f.fills[d]
 	if !joined {
-		// A fill removes itself only after indexing, so checking the store
-		// under the lock cannot miss a fill that just finished.
-		if file, info, err := f.store.OpenBlob(d); err == nil {
-			f.mu.Unlock()
-			if !local {
-				if err := confirmBlob(ctx, f.store, up, repo, d); err != nil {
-					file.Close()
-					return nil, err
-				}
-			}
-			return &Blob{File: file, Size: info.Size, Source: SourceHit}, nil
-		}
 		if err := f.ctx.Err(); err != nil {
 			f.mu.Unlock()
 			return nil, fmt.Errorf("%w: shutting down", ErrUnavailable)

@@ -108,12 +108,16 @@ func (s *Server) Restart(t testing.TB) {
 	}
 	s.cmd, s.done = cmd, make(chan struct{})
 	go func() { cmd.Wait(); close(s.done) }()
+	// Ready is when the S3 API answers: /minio/health/ready says 200 a
+	// moment before its object layer is up (S3 calls get 503
+	// XMinioServerNotInitialized then, seen on a loaded machine). An
+	// anonymous ListBuckets answers 403 once it is.
 	deadline := time.Now().Add(30 * time.Second)
 	for time.Now().Before(deadline) {
-		resp, err := http.Get(s.Endpoint + "/minio/health/ready")
+		resp, err := http.Get(s.Endpoint + "/")
 		if err == nil {
 			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
+			if resp.StatusCode != http.StatusServiceUnavailable && resp.StatusCode < 500 {
 				return
 			}
 		}
