@@ -101,7 +101,7 @@ func prefetch(args []string, stdout, stderr io.Writer) int {
 		fetchedBytes += j.fetchedBytes.Load()
 	}
 	fmt.Fprintf(stdout, "prefetched %d of %d images in %s: %d were already cached, %s came from upstreams",
-		len(jobs)-failed, len(jobs), time.Since(start).Round(time.Millisecond), allCached, humanBytes(fetchedBytes))
+		len(jobs)-failed, len(jobs), time.Since(start).Round(time.Millisecond), allCached, sizeText(fetchedBytes))
 	if failed > 0 {
 		fmt.Fprintf(stdout, "; %d failed\n", failed)
 		return 1
@@ -394,7 +394,7 @@ func (j *prefetchJob) bar() string {
 		filled = int(min(read*width/total, width))
 	}
 	return fmt.Sprintf("%-40s [%s%s] %s / %s", trimName(j.image, 40), strings.Repeat("=", filled),
-		strings.Repeat(" ", width-filled), humanBytes(read), humanBytes(total))
+		strings.Repeat(" ", width-filled), sizeText(read), sizeText(total))
 }
 
 func (j *prefetchJob) summary() string {
@@ -406,10 +406,10 @@ func (j *prefetchJob) summary() string {
 		plats = fmt.Sprintf("%d platforms, ", n)
 	}
 	if j.fetched.Load() == 0 {
-		return fmt.Sprintf("%s: %s%d blobs, %s, all cached", j.image, plats, j.blobs.Load(), humanBytes(j.total.Load()))
+		return fmt.Sprintf("%s: %s%d blobs, %s, all cached", j.image, plats, j.blobs.Load(), sizeText(j.total.Load()))
 	}
 	return fmt.Sprintf("%s: %s%d blobs, %s; fetched %d manifests and blobs (%s) from the upstream, %d were cached",
-		j.image, plats, j.blobs.Load(), humanBytes(j.total.Load()), j.fetched.Load(), humanBytes(j.fetchedBytes.Load()), j.cached.Load())
+		j.image, plats, j.blobs.Load(), sizeText(j.total.Load()), j.fetched.Load(), sizeText(j.fetchedBytes.Load()), j.cached.Load())
 }
 
 func trimName(s string, n int) string {
@@ -417,16 +417,4 @@ func trimName(s string, n int) string {
 		return s
 	}
 	return "…" + s[len(s)-n+1:]
-}
-
-func humanBytes(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", n)
 }
