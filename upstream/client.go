@@ -335,6 +335,32 @@ const (
 	maxBackoff     = 5 * time.Minute
 )
 
+// retryAfter reads a Retry-After value (RFC 9110, 10.2.3): delta-seconds
+// or an HTTP-date (http.ParseTime's three formats), relative to now. A date
+// in the past means now (0), as "Retry-After: 0" does; a wait longer than
+// maxBackoff is maxBackoff, the longest slipway honours. ok is false when
+// v is empty or neither form.
+func retryAfter(v string, now time.Time) (d time.Duration, ok bool) {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0, false
+	}
+	s, err := strconv.ParseUint(v, 10, 64)
+	switch {
+	case err == nil:
+		return time.Duration(min(s, uint64(maxBackoff/time.Second))) * time.Second, true
+	case errors.Is(err, strconv.ErrRange):
+		return maxBackoff, true // more digits than a uint64 holds
+	}
+	t, err := http.ParseTime(v)
+	if err != nil {
+		return 0, false
+	}
+	// An HTTP-date counts whole seconds: round a part of one up.
+	d = max(t.Sub(now), 0)
+	return min((d+time.Second-1).Truncate(time.Second), maxBackoff), true
+}
+
 func (c *Client) backOff(d time.Duration) {
 	if d <= 0 {
 		d = defaultBackoff
@@ -602,11 +628,14 @@ func statusError(resp *http.Response) error {
 	case code == http.StatusUnauthorized || code == http.StatusForbidden:
 		return fmt.Errorf("%w: status %d", ErrUnauthorized, code)
 	case code == http.StatusTooManyRequests:
-		e := &RateLimitError{}
-		if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s >= 0 {
-			e.RetryAfter = time.Duration(s) * time.Second
+		// The upstream's own Date is "now" for an HTTP-date, so a clock
+		// skew between it and us does not stretch or cut the pause.
+		now := time.Now()
+		if d, err := http.ParseTime(resp.Header.Get("Date")); err == nil {
+			now = d
 		}
-		return e
+		d, _ := retryAfter(resp.Header.Get("Retry-After"), now)
+		return &RateLimitError{RetryAfter: d}
 	case code >= 500:
 		return fmt.Errorf("%w: status %d", ErrUnavailable, code)
 	default:
