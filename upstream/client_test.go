@@ -210,10 +210,47 @@ func TestTransportsAreBounded(t *testing.T) {
 	}
 	wg.Wait()
 	c.mu.Lock()
-	n := len(c.transports)
+	n := c.transports.Len()
 	c.mu.Unlock()
 	if n > maxTransports {
 		t.Errorf("%d transports cached, limit %d", n, maxTransports)
+	}
+}
+
+// Past the limit, the repositories in use keep their transport (and so
+// their token); one not used since is the one that goes, one at a time.
+func TestTransportsKeepTheOnesInUse(t *testing.T) {
+	tr := newTokenRegistry(t)
+	c, _ := New(Config{URL: tr.URL})
+	ctx := context.Background()
+	d := digest.Digest("sha256:" + strings.Repeat("a", 64))
+	c.HeadBlob(ctx, "team/hot", d)
+	c.HeadBlob(ctx, "team/cold", d)
+	tokens := tr.tokens.Load()
+	const flood = maxTransports + maxTransports/4
+	for i := range flood {
+		c.HeadBlob(ctx, fmt.Sprintf("flood/%d", i), d)
+		if i%(maxTransports/4) == 0 {
+			c.HeadBlob(ctx, "team/hot", d)
+		}
+	}
+	after := tr.tokens.Load()
+	if want := tokens + flood; after != want {
+		t.Errorf("%d token requests for %d new repositories, want one each", after-tokens, flood)
+	}
+	c.HeadBlob(ctx, "team/hot", d)
+	if n := tr.tokens.Load(); n != after {
+		t.Errorf("team/hot, used all along, needed %d new tokens after the flood", n-after)
+	}
+	c.HeadBlob(ctx, "team/cold", d)
+	if n := tr.tokens.Load(); n != after+1 {
+		t.Errorf("team/cold, unused during the flood, needed %d new tokens, want 1 (its transport evicted)", n-after)
+	}
+	c.mu.Lock()
+	n := c.transports.Len()
+	c.mu.Unlock()
+	if n != maxTransports {
+		t.Errorf("%d transports held, want the limit %d", n, maxTransports)
 	}
 }
 
