@@ -21,6 +21,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"slipway/mirror"
 )
 
 // prefetch pulls images through a running mirror so its cache holds them:
@@ -28,8 +30,10 @@ import (
 //	slipway prefetch [--server URL] [--platform os/arch] [--concurrency N] [-f FILE] IMAGE...
 //
 // Images are named as a client of the mirror names them ("alpine:3.20",
-// "ghcr.io/org/app:v1" for a configured upstream prefix). Every platform of
-// an index is pulled unless --platform picks one.
+// "ghcr.io/org/app:v1" for a configured upstream prefix,
+// "alpine:3.20@sha256:...", "localhost:5000/x:y" for the upstream of that
+// host), read by mirror.ParseImage as POST /v2/_slipway/prefetch reads
+// them. Every platform of an index is pulled unless --platform picks one.
 func prefetch(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("prefetch", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -61,6 +65,19 @@ func prefetch(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
+	jobs := make([]*prefetchJob, len(images))
+	bad := false
+	for i, img := range images {
+		ref, err := mirror.ParseImage(img)
+		if err != nil {
+			fmt.Fprintln(stderr, "slipway prefetch:", err)
+			bad = true
+		}
+		jobs[i] = &prefetchJob{image: img, ref: ref}
+	}
+	if bad {
+		return 2
+	}
 	p, err := newPrefetcher(*server, *platform, *user, os.Getenv("SLIPWAY_PASSWORD"))
 	if err != nil {
 		fmt.Fprintln(stderr, "slipway prefetch:", err)
@@ -70,10 +87,6 @@ func prefetch(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 
 	start := time.Now()
-	jobs := make([]*prefetchJob, len(images))
-	for i, img := range images {
-		jobs[i] = &prefetchJob{image: img}
-	}
 	bars := newProgress(stderr, jobs)
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, max(*concurrency, 1))
@@ -169,6 +182,7 @@ func newPrefetcher(server, platform, user, pass string) (*prefetcher, error) {
 // prefetchJob is one image's progress, read by the progress display.
 type prefetchJob struct {
 	image        string
+	ref          mirror.ImageRef
 	total        atomic.Int64 // bytes of all blobs, once the manifests are read
 	read         atomic.Int64
 	blobs        atomic.Int64
@@ -182,12 +196,19 @@ type prefetchJob struct {
 
 // pull reads every manifest and blob of job's image through the mirror.
 func (p *prefetcher) pull(ctx context.Context, job *prefetchJob) error {
-	ref, err := name.ParseReference(p.host+"/"+job.image, p.opts...)
+	repo, err := name.NewRepository(p.host+"/"+job.ref.Name, p.opts...)
 	if err != nil {
 		return err
 	}
-	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuth(p.auth),
-		remote.WithTransport(&cacheCounter{inner: p.base, job: job})}
+	var ref name.Reference = repo.Tag(job.ref.Ref)
+	if strings.Contains(job.ref.Ref, ":") {
+		ref = repo.Digest(job.ref.Ref)
+	}
+	var rt http.RoundTripper = &cacheCounter{inner: p.base, job: job}
+	if job.ref.NS != "" {
+		rt = &nsTransport{inner: rt, ns: job.ref.NS}
+	}
+	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuth(p.auth), remote.WithTransport(rt)}
 	desc, err := remote.Get(ref, ropts...)
 	if err != nil {
 		return err
@@ -299,6 +320,23 @@ func (c *cacheCounter) RoundTrip(req *http.Request) (*http.Response, error) {
 		}
 	}
 	return resp, nil
+}
+
+// nsTransport names the upstream in ?ns= on every repository request, for
+// an image whose registry is a host:port (a /v2/ path cannot carry one).
+type nsTransport struct {
+	inner http.RoundTripper
+	ns    string
+}
+
+func (t *nsTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Path != "/v2/" {
+		req = req.Clone(req.Context())
+		q := req.URL.Query()
+		q.Set("ns", t.ns)
+		req.URL.RawQuery = q.Encode()
+	}
+	return t.inner.RoundTrip(req)
 }
 
 type countingReader struct {
