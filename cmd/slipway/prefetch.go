@@ -87,15 +87,15 @@ func prefetch(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 
 	start := time.Now()
-	bars := newProgress(stderr, jobs)
+	bars := newPrefetchProgress(stderr)
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, max(*concurrency, 1))
 	for _, j := range jobs {
 		wg.Go(func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
+			bars.started(j)
 			j.err = p.pull(ctx, j)
-			j.done.Store(true)
 			bars.finished(j)
 		})
 	}
@@ -190,7 +190,6 @@ type prefetchJob struct {
 	fetched      atomic.Int64 // manifests and blobs it fetched for us
 	fetchedBytes atomic.Int64
 	platforms    atomic.Int64
-	done         atomic.Bool
 	err          error
 }
 
@@ -350,91 +349,6 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// progress shows one bar per image when stderr is a terminal (redrawn in
-// place), else one line per image when it ends.
-type progress struct {
-	w     io.Writer
-	jobs  []*prefetchJob
-	tty   bool
-	mu    sync.Mutex
-	quit  chan struct{}
-	ended chan struct{}
-	drawn int
-}
-
-func newProgress(w io.Writer, jobs []*prefetchJob) *progress {
-	p := &progress{w: w, jobs: jobs, quit: make(chan struct{}), ended: make(chan struct{})}
-	if f, ok := w.(*os.File); ok {
-		if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
-			p.tty = true
-		}
-	}
-	if !p.tty {
-		close(p.ended)
-		return p
-	}
-	go func() {
-		defer close(p.ended)
-		t := time.NewTicker(150 * time.Millisecond)
-		defer t.Stop()
-		for {
-			p.draw()
-			select {
-			case <-t.C:
-			case <-p.quit:
-				p.draw()
-				return
-			}
-		}
-	}()
-	return p
-}
-
-func (p *progress) finished(j *prefetchJob) {
-	if p.tty {
-		return
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	fmt.Fprintln(p.w, j.summary())
-}
-
-func (p *progress) stop() {
-	if p.tty {
-		close(p.quit)
-	}
-	<-p.ended
-}
-
-func (p *progress) draw() {
-	var b strings.Builder
-	if p.drawn > 0 {
-		fmt.Fprintf(&b, "\x1b[%dA", p.drawn)
-	}
-	for _, j := range p.jobs {
-		b.WriteString("\x1b[2K")
-		if j.done.Load() {
-			b.WriteString(j.summary())
-		} else {
-			b.WriteString(j.bar())
-		}
-		b.WriteByte('\n')
-	}
-	p.drawn = len(p.jobs)
-	io.WriteString(p.w, b.String())
-}
-
-func (j *prefetchJob) bar() string {
-	const width = 30
-	total, read := j.total.Load(), j.read.Load()
-	filled := 0
-	if total > 0 {
-		filled = int(min(read*width/total, width))
-	}
-	return fmt.Sprintf("%-40s [%s%s] %s / %s", trimName(j.image, 40), strings.Repeat("=", filled),
-		strings.Repeat(" ", width-filled), sizeText(read), sizeText(total))
-}
-
 func (j *prefetchJob) summary() string {
 	if j.err != nil {
 		return fmt.Sprintf("%s: FAILED: %v", j.image, j.err)
@@ -448,11 +362,4 @@ func (j *prefetchJob) summary() string {
 	}
 	return fmt.Sprintf("%s: %s%d blobs, %s; fetched %d manifests and blobs (%s) from the upstream, %d were cached",
 		j.image, plats, j.blobs.Load(), sizeText(j.total.Load()), j.fetched.Load(), sizeText(j.fetchedBytes.Load()), j.cached.Load())
-}
-
-func trimName(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return "…" + s[len(s)-n+1:]
 }
