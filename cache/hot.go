@@ -3,6 +3,7 @@ package cache
 import (
 	"sync"
 
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/opencontainers/go-digest"
 )
 
@@ -12,32 +13,34 @@ import (
 // badger: at tens of thousands of requests a second that copy was the
 // server's main source of garbage, and so of its tail latency.
 //
-// Two generations, each up to half of hotManifestBytes: a hit in the older
-// one moves the entry to the newer; when the newer is full, the older is
-// dropped. Every write bumps gen, and a read that raced a write does not
-// cache what it read (so a pushed manifest's origin is never rolled back).
+// A least-recently-used list (golang-lru's simplelru, under mu) bounded by
+// bytes: each entry costs its manifest's bytes plus hotEntryOverhead (so a
+// flood of tiny manifests cannot hold millions of entries), and past the
+// budget the least recently used entries go, one at a time. Every write
+// bumps gen, and a read that raced a write does not cache what it read (so
+// a pushed manifest's origin is never rolled back).
 type hotManifests struct {
-	mu        sync.Mutex
-	cur, prev map[digest.Digest]Manifest
-	curBytes  int
-	gen       uint64
-	max       int // bytes; 0: hotManifestBytes (tests make it small)
+	mu    sync.Mutex
+	lru   *simplelru.LRU[digest.Digest, Manifest] // nil until the first add
+	bytes int                                     // what the entries cost
+	gen   uint64
+	max   int // bytes; 0: hotManifestBytes (tests make it small)
 }
 
-const hotManifestBytes = 16 << 20
+const (
+	hotManifestBytes = 16 << 20
+	// hotEntryOverhead is what an entry costs beyond its bytes: the map
+	// slot, the list element and the Manifest, roughly.
+	hotEntryOverhead = 256
+)
 
 func (h *hotManifests) get(d digest.Digest) (Manifest, bool) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
-	if m, ok := h.cur[d]; ok {
-		return m, true
+	if h.lru == nil {
+		return Manifest{}, false
 	}
-	m, ok := h.prev[d]
-	if ok {
-		delete(h.prev, d)
-		h.addLocked(m)
-	}
-	return m, ok
+	return h.lru.Get(d)
 }
 
 // generation is taken before reading the index; add after it.
@@ -61,17 +64,13 @@ func (h *hotManifests) wrote(m Manifest) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.gen++
-	h.dropLocked(m.Digest)
+	if h.lru != nil {
+		h.lru.Remove(m.Digest)
+	}
 	h.addLocked(m)
 }
 
-func (h *hotManifests) dropLocked(d digest.Digest) {
-	delete(h.prev, d)
-	if old, ok := h.cur[d]; ok {
-		h.curBytes -= len(old.Bytes)
-		delete(h.cur, d)
-	}
-}
+func hotCost(m Manifest) int { return len(m.Bytes) + hotEntryOverhead }
 
 func (h *hotManifests) addLocked(m Manifest) {
 	budget := h.max
@@ -81,12 +80,24 @@ func (h *hotManifests) addLocked(m Manifest) {
 	if len(m.Bytes) > budget/8 {
 		return // a rare giant: read it from the index
 	}
-	if h.curBytes+len(m.Bytes) > budget/2 || h.cur == nil {
-		h.prev, h.cur, h.curBytes = h.cur, map[digest.Digest]Manifest{}, 0
+	if h.lru == nil {
+		// Every entry costs at least hotEntryOverhead, so the count
+		// bound is never the one that evicts.
+		l, err := simplelru.NewLRU(budget/hotEntryOverhead+1, func(_ digest.Digest, old Manifest) {
+			h.bytes -= hotCost(old)
+		})
+		if err != nil {
+			panic(err) // only for a size <= 0
+		}
+		h.lru = l
 	}
-	if _, ok := h.cur[m.Digest]; !ok {
-		h.cur[m.Digest] = m
-		h.curBytes += len(m.Bytes)
+	if _, ok := h.lru.Get(m.Digest); ok {
+		return // the same bytes, and no write since it was cached
+	}
+	h.lru.Add(m.Digest, m)
+	h.bytes += hotCost(m)
+	for h.bytes > budget {
+		h.lru.RemoveOldest()
 	}
 }
 
@@ -95,5 +106,7 @@ func (h *hotManifests) forget(d digest.Digest) {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	h.gen++
-	h.dropLocked(d)
+	if h.lru != nil {
+		h.lru.Remove(d)
+	}
 }

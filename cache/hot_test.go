@@ -71,14 +71,8 @@ func TestHotManifestsStayWithinBudget(t *testing.T) {
 			t.Fatalf("%s: %v", m.Digest, err)
 		}
 	}
-	s.hot.mu.Lock()
-	held := s.hot.curBytes
-	for _, m := range s.hot.prev {
-		held += len(m.Bytes)
-	}
-	s.hot.mu.Unlock()
-	if held > s.hot.max {
-		t.Errorf("%d bytes of manifests held in memory, budget %d", held, s.hot.max)
+	if held, charged := s.hot.held(); held > s.hot.max || held != charged {
+		t.Errorf("%d bytes of manifests held in memory (%d counted), budget %d", held, charged, s.hot.max)
 	}
 	if _, ok := s.hot.get(ms[len(ms)-1].Digest); !ok {
 		t.Error("the manifest read last is not held")
@@ -129,4 +123,96 @@ func TestHotManifestsConcurrent(t *testing.T) {
 			t.Errorf("%s: memory says %v, the index %v", m.Digest, got.Origin, fromIndex.Origin)
 		}
 	}
+}
+
+// held adds up what the entries in memory cost, and what h counted.
+func (h *hotManifests) held() (held, counted int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	for _, m := range h.lru.Values() {
+		held += hotCost(m)
+	}
+	return held, h.bytes
+}
+
+// A stream of manifests read once, far past the budget, pushes out the
+// least recently used ones, one at a time: the manifests being read all
+// along stay in memory, and the total stays within the budget.
+func TestHotManifestsFloodKeepsWhatIsInUse(t *testing.T) {
+	h := hotManifests{max: 64 << 10} // about 28 of these manifests
+	hot := []Manifest{hotTestManifest(-1, OriginPulled), hotTestManifest(-2, OriginPushed)}
+	for _, m := range hot {
+		h.add(m, h.generation())
+	}
+	cold := hotTestManifest(-3, OriginPulled)
+	h.add(cold, h.generation())
+	for i := range 1000 {
+		h.add(hotTestManifest(i, OriginPulled), h.generation())
+		if i%10 == 0 {
+			for _, m := range hot {
+				if got, ok := h.get(m.Digest); !ok || got.Origin != m.Origin {
+					t.Fatalf("after %d other manifests: %s, read all along, is not held", i+1, m.Digest)
+				}
+			}
+		}
+		if held, counted := h.held(); held > h.max || held != counted {
+			t.Fatalf("after %d manifests: %d bytes held (%d counted), budget %d", i+1, held, counted, h.max)
+		}
+	}
+	if _, ok := h.get(cold.Digest); ok {
+		t.Error("a manifest not read since is held past the budget")
+	}
+	if _, ok := h.get(hotTestManifest(999, OriginPulled).Digest); !ok {
+		t.Error("the manifest added last is not held")
+	}
+	if held, _ := h.held(); held < h.max*3/4 {
+		t.Errorf("%d bytes held after the stream, budget %d: evicting far more than needed", held, h.max)
+	}
+	// Tiny manifests count their overhead: the budget bounds their number.
+	for i := range 10_000 {
+		b := []byte(fmt.Sprint(i))
+		h.add(Manifest{Digest: digest.FromBytes(b), Bytes: b}, h.generation())
+	}
+	h.mu.Lock()
+	n := h.lru.Len()
+	h.mu.Unlock()
+	if n > h.max/hotEntryOverhead {
+		t.Errorf("%d tiny manifests held, want at most %d", n, h.max/hotEntryOverhead)
+	}
+	// A giant is never held; forget drops an entry.
+	giant := Manifest{Digest: digest.FromString("giant"), Bytes: bytes.Repeat([]byte("x"), h.max/8+1)}
+	h.add(giant, h.generation())
+	if _, ok := h.get(giant.Digest); ok {
+		t.Error("a manifest over an eighth of the budget is held")
+	}
+	h.forget(hot[0].Digest)
+	if _, ok := h.get(hot[0].Digest); ok {
+		t.Error("a forgotten manifest is held")
+	}
+	if held, counted := h.held(); held != counted {
+		t.Errorf("%d bytes held, %d counted", held, counted)
+	}
+}
+
+// BenchmarkHotManifestsGet: warm reads of a working set that fits, from
+// many goroutines, as a warm pull by tag does them.
+func BenchmarkHotManifestsGet(b *testing.B) {
+	var h hotManifests
+	var ds []digest.Digest
+	for i := range 512 {
+		m := hotTestManifest(i, OriginPulled)
+		h.add(m, h.generation())
+		ds = append(ds, m.Digest)
+	}
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			if _, ok := h.get(ds[i%len(ds)]); !ok {
+				b.Error("miss")
+				return
+			}
+			i += 7
+		}
+	})
 }

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/labstack/echo/v4"
 	"golang.org/x/crypto/bcrypt"
 )
@@ -28,9 +29,13 @@ type Auth struct {
 	// file's (htpasswd -B uses 5, not bcrypt.DefaultCost's 10): a cheaper or
 	// dearer dummy would itself tell unknown users apart.
 	dummy []byte
+	now   func() time.Time // time.Now; tests move it
 
+	// verified remembers passwords checked in the last verifiedFor, at most
+	// maxVerified of them, least recently used first out: a burst of
+	// logins pushes out old pairs one at a time, not the ones in use.
 	mu       sync.Mutex
-	verified map[[32]byte]time.Time // sha256(user, password) -> until
+	verified *simplelru.LRU[[32]byte, time.Time] // sha256(user, password) -> until
 }
 
 // AuthConfig configures Auth.
@@ -50,10 +55,17 @@ type AuthConfig struct {
 // many blobs costs one bcrypt comparison, not one per request.
 const verifiedFor = 5 * time.Minute
 
+// maxVerified bounds the remembered passwords.
+const maxVerified = 4096
+
 // NewAuth parses the htpasswd contents.
 func NewAuth(c AuthConfig) (*Auth, error) {
+	verified, err := simplelru.NewLRU[[32]byte, time.Time](maxVerified, nil)
+	if err != nil {
+		return nil, err
+	}
 	a := &Auth{hashes: map[string][]byte{}, push: map[string][]string{}, anonymousPull: c.AnonymousPull,
-		verified: map[[32]byte]time.Time{}}
+		now: time.Now, verified: verified}
 	sc := bufio.NewScanner(c.Htpasswd)
 	maxCost := bcrypt.MinCost
 	for n := 1; sc.Scan(); n++ {
@@ -112,9 +124,12 @@ func (a *Auth) Users() int { return len(a.hashes) }
 // bcrypt comparison unless this pair was verified recently.
 func (a *Auth) check(user, pass string) bool {
 	key := sha256.Sum256([]byte(user + "\x00" + pass))
-	now := time.Now()
+	now := a.now()
 	a.mu.Lock()
-	until, ok := a.verified[key]
+	until, ok := a.verified.Get(key)
+	if ok && !now.Before(until) {
+		a.verified.Remove(key)
+	}
 	a.mu.Unlock()
 	if ok && now.Before(until) {
 		return true
@@ -127,17 +142,7 @@ func (a *Auth) check(user, pass string) bool {
 		return false
 	}
 	a.mu.Lock()
-	if len(a.verified) > 4096 {
-		for k, t := range a.verified {
-			if now.After(t) {
-				delete(a.verified, k)
-			}
-		}
-		if len(a.verified) > 4096 {
-			clear(a.verified)
-		}
-	}
-	a.verified[key] = now.Add(verifiedFor)
+	a.verified.Add(key, now.Add(verifiedFor))
 	a.mu.Unlock()
 	return true
 }

@@ -2,10 +2,13 @@ package mirror
 
 import (
 	"bytes"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"net/http"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -179,4 +182,83 @@ func TestAuthUnknownUserTiming(t *testing.T) {
 	if unknown < known/2 {
 		t.Errorf("unknown user answered in %v, a known one in %v: timing tells them apart", unknown, known)
 	}
+}
+
+// A checked password is remembered for verifiedFor, never longer, and a
+// flood of other remembered logins, far past the limit, keeps the cache at
+// its limit without pushing out the ones in use. "Remembered" shows as a
+// right answer after the file's hash changed under it.
+func TestAuthRemembersPasswordsBounded(t *testing.T) {
+	a, err := NewAuth(AuthConfig{Htpasswd: strings.NewReader(htpasswd(t, map[string]string{"ci": "ci-secret", "ops": "ops-secret"}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var clock atomic.Int64
+	clock.Store(time.Now().UnixNano())
+	a.now = func() time.Time { return time.Unix(0, clock.Load()) }
+	for u, p := range map[string]string{"ci": "ci-secret", "ops": "ops-secret"} {
+		if !a.check(u, p) {
+			t.Fatalf("%s: right password refused", u)
+		}
+	}
+	// From now on only the memory can say yes to these passwords.
+	other, _ := bcrypt.GenerateFromPassword([]byte("changed"), bcrypt.MinCost)
+	a.hashes["ci"], a.hashes["ops"] = other, other
+
+	for i := range 3 * maxVerified {
+		a.mu.Lock()
+		a.verified.Add(sha256.Sum256(fmt.Appendf(nil, "user%d\x00pass", i)), a.now().Add(verifiedFor))
+		n := a.verified.Len()
+		a.mu.Unlock()
+		if n > maxVerified {
+			t.Fatalf("after %d logins: %d remembered, limit %d", i+1, n, maxVerified)
+		}
+		if i%(maxVerified/4) == 0 && !a.check("ci", "ci-secret") {
+			t.Fatalf("after %d other logins: ci, in use all along, was forgotten", i+1)
+		}
+	}
+	if !a.check("ci", "ci-secret") {
+		t.Error("ci, in use all along, was forgotten by the flood")
+	}
+	if a.check("ops", "ops-secret") {
+		t.Error("ops, not used during the flood, is still remembered past the limit")
+	}
+	clock.Add(int64(verifiedFor - time.Second))
+	if !a.check("ci", "ci-secret") {
+		t.Error("a password forgotten before verifiedFor")
+	}
+	clock.Add(int64(time.Second))
+	if a.check("ci", "ci-secret") {
+		t.Error("a password remembered past verifiedFor")
+	}
+	if !a.check("ci", "changed") {
+		t.Error("the new password is refused")
+	}
+}
+
+func TestAuthCheckConcurrent(t *testing.T) {
+	a, err := NewAuth(AuthConfig{Htpasswd: strings.NewReader(htpasswd(t, map[string]string{"ci": "ci-secret", "ops": "ops-secret"}))})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	for w := range 8 {
+		wg.Go(func() {
+			for i := range 200 {
+				user, pass := "ci", "ci-secret"
+				if (w+i)%2 == 1 {
+					user, pass = "ops", "ops-secret"
+				}
+				if !a.check(user, pass) {
+					t.Errorf("%s refused", user)
+					return
+				}
+				if i%50 == 0 && a.check(user, "wrong") {
+					t.Errorf("%s: wrong password accepted", user)
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
 }

@@ -19,8 +19,10 @@ import (
 
 // PrefetchRequest is the body of POST /v2/_slipway/prefetch.
 type PrefetchRequest struct {
-	// Images as a client would name them to this mirror: "alpine:3.20",
-	// "ghcr.io/org/app:v1" (an upstream prefix), "team/app@sha256:...".
+	// Images as a client would name them to this mirror (ParseImage):
+	// "alpine:3.20", "ghcr.io/org/app:v1" (an upstream prefix),
+	// "team/app@sha256:...", "alpine:3.20@sha256:...",
+	// "localhost:5000/x:y" (the upstream of that host).
 	Images []string `json:"images"`
 	// Platform ("linux/amd64") limits an index to one platform; empty: all.
 	Platform string `json:"platform,omitempty"`
@@ -65,17 +67,30 @@ func (s *Server) postPrefetch(c echo.Context) error {
 			return newError(codeAdminInvalid, "platform: "+err.Error())
 		}
 	}
+	ns := c.QueryParam("ns") // echo.Context is not for other goroutines
+	// Every reference is checked before any work: one that does not parse
+	// fails the call (400), as a bad name fails a pull.
+	refs := make([]ImageRef, len(req.Images))
+	for i, image := range req.Images {
+		r, err := ParseImage(image)
+		if err != nil {
+			return err
+		}
+		if r.NS != "" && ns != "" && !strings.EqualFold(r.NS, ns) {
+			return newError(codeNameInvalid, fmt.Sprintf("image %q names the upstream %q, ?ns= names %q", image, r.NS, ns))
+		}
+		refs[i] = r
+	}
 	// The work is the server's, not the client's: a CI job that gives up
 	// still leaves the fills running to completion.
 	ctx := context.WithoutCancel(c.Request().Context())
-	ns := c.QueryParam("ns") // echo.Context is not for other goroutines
 	results := make([]PrefetchResult, len(req.Images))
 	next := make(chan int)
 	var wg sync.WaitGroup
 	for range min(prefetchWorkers, len(req.Images)) {
 		wg.Go(func() {
 			for i := range next {
-				results[i] = s.prefetch(ctx, ns, req.Images[i], plat)
+				results[i] = s.prefetch(ctx, ns, req.Images[i], refs[i], plat)
 			}
 		})
 	}
@@ -94,31 +109,20 @@ func (s *Server) postPrefetch(c echo.Context) error {
 }
 
 // prefetch stores one image through the proxy, as a pull would.
-func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platform) PrefetchResult {
+func (s *Server) prefetch(ctx context.Context, ns, image string, img ImageRef, plat *v1.Platform) PrefetchResult {
 	res := PrefetchResult{Image: image}
 	fail := func(err error) PrefetchResult {
 		res.Error = err.Error()
 		return res
 	}
-	name, ref, ok := splitImage(image)
-	if !ok {
-		return fail(fmt.Errorf("not an image reference: %q", image))
+	if img.NS != "" {
+		ns = img.NS
 	}
-	if err := validateName(name); err != nil {
-		return fail(err)
-	}
-	if strings.Contains(ref, ":") {
-		if _, err := parseDigest(ref); err != nil {
-			return fail(err)
-		}
-	} else if !tagRe.MatchString(ref) {
-		return fail(errTagInvalid)
-	}
-	t, err := s.resolveNS(ns, name)
+	t, err := s.resolveNS(ns, img.Name)
 	if err != nil {
 		return fail(err)
 	}
-	tag := ref
+	ref, tag := img.Ref, img.Ref
 	if strings.Contains(ref, ":") {
 		tag = ""
 	}
@@ -126,7 +130,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platfo
 		return fail(err)
 	}
 	if t.local {
-		return fail(fmt.Errorf("%s is a local repository: nothing to prefetch", name))
+		return fail(fmt.Errorf("%s is a local repository: nothing to prefetch", img.Name))
 	}
 	p := t.up.Proxy
 	note := func(src upstream.Source) {
@@ -201,16 +205,4 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platfo
 func isIndex(mediaType string, idx *v1.IndexManifest) bool {
 	return strings.Contains(mediaType, "index") || strings.Contains(mediaType, "manifest.list") ||
 		strings.Contains(string(idx.MediaType), "index") || strings.Contains(string(idx.MediaType), "manifest.list")
-}
-
-// splitImage splits "name:tag", "name@digest" or "name" (":latest").
-func splitImage(image string) (name, ref string, ok bool) {
-	if n, d, found := strings.Cut(image, "@"); found {
-		return n, d, n != "" && d != ""
-	}
-	slash := strings.LastIndex(image, "/")
-	if colon := strings.LastIndex(image, ":"); colon > slash {
-		return image[:colon], image[colon+1:], colon > 0 && colon < len(image)-1
-	}
-	return image, "latest", image != ""
 }

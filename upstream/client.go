@@ -25,6 +25,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/opencontainers/go-digest"
 
 	"slipway/cache"
@@ -101,19 +102,16 @@ type Client struct {
 	retries int
 	log     *slog.Logger
 
-	mu           sync.Mutex
-	transports   map[string]*repoTransport
+	mu sync.Mutex
+	// transports holds one authenticated transport (and so its token) per
+	// repository, at most maxTransports, least recently used first out.
+	transports   *simplelru.LRU[string, http.RoundTripper]
 	backoffUntil time.Time // after a 429: no requests until then
 
 	rateRemaining atomic.Int64 // Docker Hub's ratelimit-remaining, -1 unknown
 
 	statsMu   sync.Mutex
 	responses map[string]uint64 // by status code, or "error" for no response
-}
-
-type repoTransport struct {
-	rt   http.RoundTripper
-	used time.Time
 }
 
 const maxTransports = 1024
@@ -149,6 +147,10 @@ func New(c Config) (*Client, error) {
 	if c.Transport == nil {
 		c.Transport = newTransport(u, c.AllowPrivate || isPrivateHost(u.Hostname()))
 	}
+	transports, err := simplelru.NewLRU[string, http.RoundTripper](maxTransports, nil)
+	if err != nil {
+		return nil, err
+	}
 	cl := &Client{
 		reg:        reg,
 		base:       &url.URL{Scheme: u.Scheme, Host: u.Host},
@@ -158,7 +160,7 @@ func New(c Config) (*Client, error) {
 		metaSem:    make(chan struct{}, max(c.MaxConcurrent/4, 1)),
 		retries:    c.Retries,
 		log:        c.Logger,
-		transports: make(map[string]*repoTransport),
+		transports: transports,
 	}
 	cl.rateRemaining.Store(-1)
 	return cl, nil
@@ -193,10 +195,9 @@ func (c *Client) URL() string { return c.base.String() }
 
 func (c *Client) transport(ctx context.Context, repo string) (http.RoundTripper, error) {
 	c.mu.Lock()
-	if t, ok := c.transports[repo]; ok {
-		t.used = time.Now()
+	if rt, ok := c.transports.Get(repo); ok {
 		c.mu.Unlock()
-		return t.rt, nil
+		return rt, nil
 	}
 	c.mu.Unlock()
 
@@ -207,30 +208,16 @@ func (c *Client) transport(ctx context.Context, repo string) (http.RoundTripper,
 	}
 
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	if len(c.transports) >= maxTransports {
-		c.evictOldestLocked()
-	}
-	c.transports[repo] = &repoTransport{rt: rt, used: time.Now()}
+	c.transports.Add(repo, rt)
+	c.mu.Unlock()
 	return rt, nil
-}
-
-func (c *Client) evictOldestLocked() {
-	var oldest string
-	var at time.Time
-	for k, t := range c.transports {
-		if oldest == "" || t.used.Before(at) {
-			oldest, at = k, t.used
-		}
-	}
-	delete(c.transports, oldest)
 }
 
 // forget drops a repository's transport, so the next request sets up auth
 // again (after the upstream refused the credentials it holds).
 func (c *Client) forget(repo string) {
 	c.mu.Lock()
-	delete(c.transports, repo)
+	c.transports.Remove(repo)
 	c.mu.Unlock()
 }
 
@@ -334,6 +321,32 @@ const (
 	defaultBackoff = 10 * time.Second
 	maxBackoff     = 5 * time.Minute
 )
+
+// retryAfter reads a Retry-After value (RFC 9110, 10.2.3): delta-seconds
+// or an HTTP-date (http.ParseTime's three formats), relative to now. A date
+// in the past means now (0), as "Retry-After: 0" does; a wait longer than
+// maxBackoff is maxBackoff, the longest slipway honours. ok is false when
+// v is empty or neither form.
+func retryAfter(v string, now time.Time) (d time.Duration, ok bool) {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0, false
+	}
+	s, err := strconv.ParseUint(v, 10, 64)
+	switch {
+	case err == nil:
+		return time.Duration(min(s, uint64(maxBackoff/time.Second))) * time.Second, true
+	case errors.Is(err, strconv.ErrRange):
+		return maxBackoff, true // more digits than a uint64 holds
+	}
+	t, err := http.ParseTime(v)
+	if err != nil {
+		return 0, false
+	}
+	// An HTTP-date counts whole seconds: round a part of one up.
+	d = max(t.Sub(now), 0)
+	return min((d + time.Second - 1).Truncate(time.Second), maxBackoff), true
+}
 
 func (c *Client) backOff(d time.Duration) {
 	if d <= 0 {
@@ -602,11 +615,14 @@ func statusError(resp *http.Response) error {
 	case code == http.StatusUnauthorized || code == http.StatusForbidden:
 		return fmt.Errorf("%w: status %d", ErrUnauthorized, code)
 	case code == http.StatusTooManyRequests:
-		e := &RateLimitError{}
-		if s, err := strconv.Atoi(resp.Header.Get("Retry-After")); err == nil && s >= 0 {
-			e.RetryAfter = time.Duration(s) * time.Second
+		// The upstream's own Date is "now" for an HTTP-date, so a clock
+		// skew between it and us does not stretch or cut the pause.
+		now := time.Now()
+		if d, err := http.ParseTime(resp.Header.Get("Date")); err == nil {
+			now = d
 		}
-		return e
+		d, _ := retryAfter(resp.Header.Get("Retry-After"), now)
+		return &RateLimitError{RetryAfter: d}
 	case code >= 500:
 		return fmt.Errorf("%w: status %d", ErrUnavailable, code)
 	default:

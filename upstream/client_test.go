@@ -210,10 +210,47 @@ func TestTransportsAreBounded(t *testing.T) {
 	}
 	wg.Wait()
 	c.mu.Lock()
-	n := len(c.transports)
+	n := c.transports.Len()
 	c.mu.Unlock()
 	if n > maxTransports {
 		t.Errorf("%d transports cached, limit %d", n, maxTransports)
+	}
+}
+
+// Past the limit, the repositories in use keep their transport (and so
+// their token); one not used since is the one that goes, one at a time.
+func TestTransportsKeepTheOnesInUse(t *testing.T) {
+	tr := newTokenRegistry(t)
+	c, _ := New(Config{URL: tr.URL})
+	ctx := context.Background()
+	d := digest.Digest("sha256:" + strings.Repeat("a", 64))
+	c.HeadBlob(ctx, "team/hot", d)
+	c.HeadBlob(ctx, "team/cold", d)
+	tokens := tr.tokens.Load()
+	const flood = maxTransports + maxTransports/4
+	for i := range flood {
+		c.HeadBlob(ctx, fmt.Sprintf("flood/%d", i), d)
+		if i%(maxTransports/4) == 0 {
+			c.HeadBlob(ctx, "team/hot", d)
+		}
+	}
+	after := tr.tokens.Load()
+	if want := tokens + flood; after != want {
+		t.Errorf("%d token requests for %d new repositories, want one each", after-tokens, flood)
+	}
+	c.HeadBlob(ctx, "team/hot", d)
+	if n := tr.tokens.Load(); n != after {
+		t.Errorf("team/hot, used all along, needed %d new tokens after the flood", n-after)
+	}
+	c.HeadBlob(ctx, "team/cold", d)
+	if n := tr.tokens.Load(); n != after+1 {
+		t.Errorf("team/cold, unused during the flood, needed %d new tokens, want 1 (its transport evicted)", n-after)
+	}
+	c.mu.Lock()
+	n := c.transports.Len()
+	c.mu.Unlock()
+	if n != maxTransports {
+		t.Errorf("%d transports held, want the limit %d", n, maxTransports)
 	}
 }
 
@@ -250,6 +287,88 @@ func TestRateLimitBacksOffTheUpstream(t *testing.T) {
 	}
 	if n := reqs.Load(); n != 1 {
 		t.Errorf("the upstream got %d requests while it asked for a pause, want 1", n)
+	}
+}
+
+func TestRetryAfterForms(t *testing.T) {
+	now := time.Date(2026, 11, 25, 12, 0, 0, 0, time.UTC)
+	date := func(d time.Duration) string { return now.Add(d).Format(http.TimeFormat) }
+	for _, c := range []struct {
+		v    string
+		want time.Duration
+		ok   bool
+	}{
+		{"7", 7 * time.Second, true},
+		{" 120 ", 2 * time.Minute, true},
+		{"0", 0, true},
+		{"3600", maxBackoff, true},                    // capped
+		{"99999999999999999999999", maxBackoff, true}, // past uint64, still capped
+		{"10000000000", maxBackoff, true},             // would overflow a Duration
+		{date(90 * time.Second), 90 * time.Second, true},
+		{date(-time.Hour), 0, true}, // a past date: now
+		{date(24 * time.Hour), maxBackoff, true},
+		{now.Add(42 * time.Second).Format(time.RFC850), 42 * time.Second, true},
+		{now.Add(5 * time.Second).Format(time.ANSIC), 5 * time.Second, true},
+		{"", 0, false},
+		{"-5", 0, false},
+		{"+5", 0, false},
+		{"1.5", 0, false},
+		{"soon", 0, false},
+		{"2026-11-25T12:01:00Z", 0, false}, // not an HTTP-date
+	} {
+		got, ok := retryAfter(c.v, now)
+		if got != c.want || ok != c.ok {
+			t.Errorf("retryAfter(%q) = %s, %v; want %s, %v", c.v, got, ok, c.want, c.ok)
+		}
+	}
+	// A fraction of a second left rounds up, not down to "now".
+	if got, _ := retryAfter(date(2*time.Second), now.Add(1500*time.Millisecond)); got != time.Second {
+		t.Errorf("half a second before the date: %s, want 1s", got)
+	}
+}
+
+// A 429 with an HTTP-date Retry-After pauses the upstream until that date,
+// counted from the upstream's own Date header (its clock, not ours).
+func TestRateLimitHTTPDate(t *testing.T) {
+	var reqs atomic.Int32
+	var retryAt atomic.Value
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		reqs.Add(1)
+		// The upstream's clock runs an hour ahead of ours.
+		upNow := time.Now().Add(time.Hour)
+		w.Header().Set("Date", upNow.UTC().Format(http.TimeFormat))
+		w.Header().Set("Retry-After", upNow.Add(retryAt.Load().(time.Duration)).UTC().Format(http.TimeFormat))
+		w.WriteHeader(http.StatusTooManyRequests)
+	}))
+	defer srv.Close()
+	for _, c := range []struct {
+		after    time.Duration
+		min, max time.Duration
+	}{
+		{45 * time.Second, 44 * time.Second, 46 * time.Second},
+		{-10 * time.Minute, 0, 0}, // a past date: now
+		{3 * time.Hour, maxBackoff, maxBackoff},
+	} {
+		retryAt.Store(c.after)
+		cl, _ := New(Config{URL: srv.URL, Retries: -1})
+		_, err := cl.HeadManifest(context.Background(), "a/b", "v1", nil)
+		var rl *RateLimitError
+		if !errors.As(err, &rl) || rl.RetryAfter < c.min || rl.RetryAfter > c.max {
+			t.Fatalf("Retry-After in %s: %v, want a wait in [%s, %s]", c.after, err, c.min, c.max)
+		}
+		// The client holds off: the next request is refused here, with
+		// the time left (at least the 10 s default after "now").
+		n := reqs.Load()
+		_, err = cl.HeadManifest(context.Background(), "a/b", "v1", nil)
+		if !errors.As(err, &rl) || rl.RetryAfter < min(max(c.min, defaultBackoff), maxBackoff)-2*time.Second {
+			t.Errorf("Retry-After in %s: while backing off: %v", c.after, err)
+		}
+		if reqs.Load() != n {
+			t.Errorf("Retry-After in %s: the upstream was asked again while it asked for a pause", c.after)
+		}
 	}
 }
 

@@ -130,17 +130,33 @@ func sameAddr(a, b string) bool {
 	return pa == pb && ha == hb
 }
 
-var cgnat = netip.MustParsePrefix("100.64.0.0/10")
+var (
+	cgnat = netip.MustParsePrefix("100.64.0.0/10")
+	// NAT64 (RFC 6052): an address under the well-known prefix carries an
+	// IPv4 address in its last 32 bits, and the translator on the path
+	// connects to that; DNS64 gives every public IPv4 host such an address
+	// on an IPv6-only network, so it is as private as the address it
+	// carries. The local-use prefix (RFC 8215) maps however the network
+	// chose: private.
+	nat64      = netip.MustParsePrefix("64:ff9b::/96")
+	nat64Local = netip.MustParsePrefix("64:ff9b:1::/48")
+)
 
 func isPrivateAddr(ip netip.Addr) bool {
 	ip = ip.Unmap()
+	if nat64.Contains(ip) {
+		b := ip.As16()
+		ip = netip.AddrFrom4([4]byte(b[12:]))
+	}
 	return ip.IsLoopback() || ip.IsPrivate() || ip.IsLinkLocalUnicast() || ip.IsLinkLocalMulticast() ||
-		ip.IsInterfaceLocalMulticast() || ip.IsUnspecified() || ip.IsMulticast() || cgnat.Contains(ip)
+		ip.IsInterfaceLocalMulticast() || ip.IsUnspecified() || ip.IsMulticast() || cgnat.Contains(ip) ||
+		nat64Local.Contains(ip)
 }
 
 // isPrivateHost reports whether a URL's host names a private network by
 // itself: localhost or a name under .localhost (RFC 6761), or a loopback,
-// private, link-local, unspecified or multicast address — also written the
+// private, link-local, unspecified or multicast address (or one of those
+// behind a NAT64 prefix, isPrivateAddr) — also written the
 // old inet_aton ways ("127.1", "2130706433", "0x7f.0.0.1") that a proxy or
 // the system resolver may still accept.
 func isPrivateHost(host string) bool {

@@ -89,7 +89,8 @@ func TestDialerRefusesPrivateAddresses(t *testing.T) {
 	u, _ := url.Parse("https://registry.example.com")
 	tr := newTransport(u, false)
 	client := &http.Client{Transport: tr, Timeout: 5 * time.Second}
-	for _, target := range []string{"http://" + ln.Addr().String() + "/", "http://[::1]:1/", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1:80/"} {
+	for _, target := range []string{"http://" + ln.Addr().String() + "/", "http://[::1]:1/", "http://169.254.169.254/latest/meta-data/", "http://10.0.0.1:80/",
+		"http://[64:ff9b::7f00:1]:1/", "http://[64:ff9b::a00:1]:80/", "http://[64:ff9b:1::1]:80/"} {
 		_, err := client.Get(target)
 		if !errors.Is(err, ErrForbiddenHost) {
 			t.Errorf("GET %s: %v, want ErrForbiddenHost", target, err)

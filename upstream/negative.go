@@ -3,54 +3,57 @@ package upstream
 import (
 	"sync"
 	"time"
+
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 )
 
 // negativeCache remembers, for a short while, what an upstream said does
 // not exist, so a storm of pulls for a missing image reaches the upstream
 // once. It lives in memory: losing it on restart costs one request.
+//
+// It holds at most maxNegative names, least recently asked for first out
+// (golang-lru's simplelru, under mu): a flood of distinct bogus names
+// pushes out old names one at a time, never the ones still being asked
+// for. An entry expires ttl after the upstream said 404, however often it
+// is hit since; an expired one is dropped when met.
 type negativeCache struct {
 	ttl time.Duration
 	now func() time.Time
 
-	mu sync.Mutex
-	m  map[string]time.Time // key -> expiry
+	mu  sync.Mutex
+	lru *simplelru.LRU[string, time.Time] // key -> expiry
 }
 
 const maxNegative = 10_000
 
 func newNegativeCache(ttl time.Duration, now func() time.Time) *negativeCache {
-	return &negativeCache{ttl: ttl, now: now, m: make(map[string]time.Time)}
+	l, err := simplelru.NewLRU[string, time.Time](maxNegative, nil)
+	if err != nil {
+		panic(err) // only for a size <= 0
+	}
+	return &negativeCache{ttl: ttl, now: now, lru: l}
 }
 
 func (n *negativeCache) add(key string) {
 	if n.ttl <= 0 {
 		return
 	}
-	now := n.now()
+	exp := n.now().Add(n.ttl)
 	n.mu.Lock()
-	defer n.mu.Unlock()
-	if len(n.m) >= maxNegative {
-		for k, exp := range n.m {
-			if !now.Before(exp) {
-				delete(n.m, k)
-			}
-		}
-		if len(n.m) >= maxNegative {
-			clear(n.m)
-		}
-	}
-	n.m[key] = now.Add(n.ttl)
+	n.lru.Add(key, exp)
+	n.mu.Unlock()
 }
 
 func (n *negativeCache) has(key string) bool {
 	if n.ttl <= 0 {
 		return false
 	}
+	now := n.now()
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	exp, ok := n.m[key]
-	if ok && !n.now().Before(exp) {
-		delete(n.m, key)
+	exp, ok := n.lru.Get(key)
+	if ok && !now.Before(exp) {
+		n.lru.Remove(key)
 		return false
 	}
 	return ok
@@ -58,6 +61,6 @@ func (n *negativeCache) has(key string) bool {
 
 func (n *negativeCache) forget(key string) {
 	n.mu.Lock()
-	delete(n.m, key)
+	n.lru.Remove(key)
 	n.mu.Unlock()
 }

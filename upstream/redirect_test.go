@@ -367,6 +367,14 @@ func TestHostGuardPrivateHosts(t *testing.T) {
 		{"registry.example.com", false, "http://100.64.0.1/", true, false},
 		{"registry.example.com", false, "http://8.8.8.8/", true, true},
 		{"registry.example.com", false, "http://localhost.example.com/", true, true},
+		// NAT64: the IPv4 address behind the well-known prefix decides; the
+		// local-use prefix is private.
+		{"registry.example.com", false, "http://[64:ff9b::7f00:1]/", true, false},
+		{"registry.example.com", false, "http://[64:ff9b::a00:1]:5000/blob", true, false},
+		{"registry.example.com", false, "http://[64:ff9b::169.254.169.254]/", true, false},
+		{"registry.example.com", false, "http://[64:ff9b:1::808:808]/", true, false},
+		{"registry.example.com", false, "http://[64:ff9b::808:808]/blob", true, true},
+		{"registry.corp.example", true, "http://[64:ff9b::a00:1]/blob", true, true},
 		// An upstream configured as private (AllowPrivate, or a private
 		// host itself) may send us to its neighbours.
 		{"registry.corp.example", true, "http://10.1.2.3:9000/blob", true, true},
@@ -398,6 +406,10 @@ func TestIsPrivateHost(t *testing.T) {
 		"registry-1.docker.io": false, "localhost.example.com": false, "8.8.8.8": false,
 		"2606:4700::1": false, "1.2.3.4.5": false, "0x": false, "256.1.1.1": false, "1.16777216": false,
 		"cafe": false, "": false,
+		"64:ff9b::7f00:1": true, "64:ff9b::a00:1": true, "64:ff9b::127.0.0.1": true, "64:ff9b::c0a8:101": true,
+		"64:ff9b::a9fe:a9fe": true, "64:ff9b::6440:1": true, "64:ff9b::": true, "64:ff9b:1::1": true,
+		"64:ff9b:1:ffff::808:808": true, "::ffff:64:ff9b": false, "64:ff9b::808:808": false,
+		"64:ff9b::1.1.1.1": false, "64:ff9b:2::a00:1": false,
 	} {
 		if got := isPrivateHost(host); got != want {
 			t.Errorf("isPrivateHost(%q) = %v, want %v", host, got, want)

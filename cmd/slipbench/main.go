@@ -21,9 +21,10 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"time"
+
+	"github.com/dustin/go-humanize"
 )
 
 func main() {
@@ -245,21 +246,12 @@ func (b *bench) readScenarios(s *server) error {
 	return nil
 }
 
-// parseSize reads 123, 64KiB, 256MiB or 1GiB.
+// parseSize reads a positive size of at most 1 TiB, with go-humanize's
+// units as slipway's --max-size reads them: 123, 64KiB, 256MiB, 1GiB, 500MB.
 func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	for _, u := range []struct {
-		suffix string
-		m      int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}} {
-		if v, ok := strings.CutSuffix(s, u.suffix); ok {
-			s, mult = v, u.m
-			break
-		}
+	n, err := humanize.ParseBytes(s)
+	if err != nil || strings.Contains(s, ",") || n == 0 || n > 1<<40 {
+		return 0, fmt.Errorf("bad size %q: want a positive size of at most 1TiB, such as 64KiB, 256MiB or 1GiB", s)
 	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n <= 0 || n > (1<<40)/mult {
-		return 0, fmt.Errorf("bad size %q: want a positive number with an optional KiB, MiB or GiB", s)
-	}
-	return n * mult, nil
+	return int64(n), nil
 }

@@ -133,7 +133,7 @@ func TestBadArguments(t *testing.T) {
 		{"run", "--server", "true", "--scenarios", "warm-blob,teleport"},
 		{"run", "--server", "true", "--push-size", "5MiB"},
 		{"run", "--server", "true", "--blob-size", "-1"},
-		{"run", "--server", "true", "--cold-size", "1TB"},
+		{"run", "--server", "true", "--cold-size", "2TiB"},
 		{"run", "--server", "true", "--conns", "0"},
 		{"ceiling"},
 		{"compare"},
@@ -146,9 +146,15 @@ func TestBadArguments(t *testing.T) {
 }
 
 func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{"1": 1, "64KiB": 64 << 10, "256MiB": 256 << 20, "1GiB": 1 << 30} {
+	for in, want := range map[string]int64{"1": 1, "64KiB": 64 << 10, "256MiB": 256 << 20, "1GiB": 1 << 30,
+		"500MB": 500e6, "1TiB": 1 << 40} {
 		if got, err := parseSize(in); err != nil || got != want {
 			t.Errorf("parseSize(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", "0", "-1", "1TiB1", "2TiB", "1,5GiB", "lots", "64XiB"} {
+		if got, err := parseSize(in); err == nil {
+			t.Errorf("parseSize(%q) = %d, no error", in, got)
 		}
 	}
 }

@@ -12,6 +12,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/dustin/go-humanize"
+
 	"slipway/cache"
 )
 
@@ -164,39 +166,19 @@ func (f *sizeFlag) resolve(dir string) (int64, error) {
 	return int64(f.share * float64(st.Blocks) * float64(st.Bsize)), nil
 }
 
-var sizeUnits = map[string]float64{
-	"": 1, "b": 1,
-	"k": 1e3, "kb": 1e3, "kib": 1 << 10,
-	"m": 1e6, "mb": 1e6, "mib": 1 << 20,
-	"g": 1e9, "gb": 1e9, "gib": 1 << 30,
-	"t": 1e12, "tb": 1e12, "tib": 1 << 40,
-}
-
-// parseSize reads "20GiB", "500MB", "1.5T", "1048576".
+// parseSize reads a byte count with an optional unit, through go-humanize:
+// decimal "k", "MB", "G", "T" (1000s), binary "KiB", "Mi", "GiB", "TiB"
+// (1024s), in any case, with or without a space: "20GiB", "500MB",
+// "1.5T", "2 gib", "1048576". A comma is refused: go-humanize reads "1,5G"
+// as 15 GB, which is not what someone who wrote it meant.
 func parseSize(v string) (int64, error) {
-	i := strings.IndexFunc(v, func(r rune) bool { return !(r >= '0' && r <= '9' || r == '.') })
-	num, unit := v, ""
-	if i >= 0 {
-		num, unit = v[:i], strings.ToLower(strings.TrimSpace(v[i:]))
-	}
-	n, err := strconv.ParseFloat(num, 64)
-	mul, ok := sizeUnits[unit]
-	if err != nil || !ok || n < 0 || math.IsInf(n*mul, 0) || n*mul > math.MaxInt64/2 {
+	n, err := humanize.ParseBytes(v)
+	if err != nil || strings.Contains(v, ",") || n > math.MaxInt64/2 {
 		return 0, fmt.Errorf("size %q: want a number with a unit such as 500MB, 20GiB or 2T, or a percentage such as 80%%", v)
 	}
-	return int64(n * mul), nil
+	return int64(n), nil
 }
 
-// sizeText prints n in binary units.
-func sizeText(n int64) string {
-	const unit = 1024
-	if n < unit {
-		return fmt.Sprintf("%d B", n)
-	}
-	div, exp := int64(unit), 0
-	for m := n / unit; m >= unit; m /= unit {
-		div *= unit
-		exp++
-	}
-	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
-}
+// sizeText prints n in binary units ("3.5 MiB", "149 MiB"), as every size
+// slipway prints.
+func sizeText(n int64) string { return humanize.IBytes(uint64(max(n, 0))) }

@@ -16,13 +16,15 @@ func TestParseSize(t *testing.T) {
 	t.Parallel()
 	for in, want := range map[string]int64{
 		"0": 0, "1048576": 1 << 20, "500MB": 500e6, "20GiB": 20 << 30, "1.5T": 1.5e12, "2 gib": 2 << 30, "10k": 10e3,
+		"2MB": 2e6, "10GiB": 10 << 30, "64KiB": 64 << 10, "1kb": 1e3, "3 MiB": 3 << 20, "2g": 2e9, "1TiB": 1 << 40,
+		"512b": 512, "0.5GiB": 1 << 29, "1.5 TB": 1.5e12, "7 m": 7e6,
 	} {
 		var f sizeFlag
 		if err := f.Set(in); err != nil || f.bytes != want {
 			t.Errorf("%q: %d, %v; want %d", in, f.bytes, err, want)
 		}
 	}
-	for _, in := range []string{"20XB", "-1G", "GiB", "1e400", "0%", "101%", "x%"} {
+	for _, in := range []string{"20XB", "-1G", "GiB", "1e400", "0%", "101%", "x%", "1,5G", "1_000", "0x10", "5 GiBs", "9EiB"} {
 		var f sizeFlag
 		if err := f.Set(in); err == nil {
 			t.Errorf("%q: no error", in)
@@ -35,6 +37,19 @@ func TestParseSize(t *testing.T) {
 	n, err := f.resolve(t.TempDir())
 	if err != nil || n <= 0 {
 		t.Fatalf("50%% of the filesystem: %d, %v", n, err)
+	}
+}
+
+// Every size slipway prints comes from one formatter.
+func TestSizeText(t *testing.T) {
+	t.Parallel()
+	for n, want := range map[int64]string{
+		0: "0 B", 512: "512 B", 1536: "1.5 KiB", 3<<20 + 1<<19: "3.5 MiB", 148<<20 + 600<<10: "149 MiB",
+		20 << 30: "20 GiB", 3 << 40: "3.0 TiB", -1: "0 B",
+	} {
+		if got := sizeText(n); got != want {
+			t.Errorf("sizeText(%d) = %q, want %q", n, got, want)
+		}
 	}
 }
 

@@ -21,6 +21,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"slipway/mirror"
 )
 
 // prefetch pulls images through a running mirror so its cache holds them:
@@ -28,8 +30,10 @@ import (
 //	slipway prefetch [--server URL] [--platform os/arch] [--concurrency N] [-f FILE] IMAGE...
 //
 // Images are named as a client of the mirror names them ("alpine:3.20",
-// "ghcr.io/org/app:v1" for a configured upstream prefix). Every platform of
-// an index is pulled unless --platform picks one.
+// "ghcr.io/org/app:v1" for a configured upstream prefix,
+// "alpine:3.20@sha256:...", "localhost:5000/x:y" for the upstream of that
+// host), read by mirror.ParseImage as POST /v2/_slipway/prefetch reads
+// them. Every platform of an index is pulled unless --platform picks one.
 func prefetch(args []string, stdout, stderr io.Writer) int {
 	fs := flag.NewFlagSet("prefetch", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -61,6 +65,19 @@ func prefetch(args []string, stdout, stderr io.Writer) int {
 		fs.Usage()
 		return 2
 	}
+	jobs := make([]*prefetchJob, len(images))
+	bad := false
+	for i, img := range images {
+		ref, err := mirror.ParseImage(img)
+		if err != nil {
+			fmt.Fprintln(stderr, "slipway prefetch:", err)
+			bad = true
+		}
+		jobs[i] = &prefetchJob{image: img, ref: ref}
+	}
+	if bad {
+		return 2
+	}
 	p, err := newPrefetcher(*server, *platform, *user, os.Getenv("SLIPWAY_PASSWORD"))
 	if err != nil {
 		fmt.Fprintln(stderr, "slipway prefetch:", err)
@@ -70,19 +87,15 @@ func prefetch(args []string, stdout, stderr io.Writer) int {
 	defer stop()
 
 	start := time.Now()
-	jobs := make([]*prefetchJob, len(images))
-	for i, img := range images {
-		jobs[i] = &prefetchJob{image: img}
-	}
-	bars := newProgress(stderr, jobs)
+	bars := newPrefetchProgress(stderr)
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, max(*concurrency, 1))
 	for _, j := range jobs {
 		wg.Go(func() {
 			sem <- struct{}{}
 			defer func() { <-sem }()
+			bars.started(j)
 			j.err = p.pull(ctx, j)
-			j.done.Store(true)
 			bars.finished(j)
 		})
 	}
@@ -101,7 +114,7 @@ func prefetch(args []string, stdout, stderr io.Writer) int {
 		fetchedBytes += j.fetchedBytes.Load()
 	}
 	fmt.Fprintf(stdout, "prefetched %d of %d images in %s: %d were already cached, %s came from upstreams",
-		len(jobs)-failed, len(jobs), time.Since(start).Round(time.Millisecond), allCached, humanBytes(fetchedBytes))
+		len(jobs)-failed, len(jobs), time.Since(start).Round(time.Millisecond), allCached, sizeText(fetchedBytes))
 	if failed > 0 {
 		fmt.Fprintf(stdout, "; %d failed\n", failed)
 		return 1
@@ -169,6 +182,7 @@ func newPrefetcher(server, platform, user, pass string) (*prefetcher, error) {
 // prefetchJob is one image's progress, read by the progress display.
 type prefetchJob struct {
 	image        string
+	ref          mirror.ImageRef
 	total        atomic.Int64 // bytes of all blobs, once the manifests are read
 	read         atomic.Int64
 	blobs        atomic.Int64
@@ -176,18 +190,24 @@ type prefetchJob struct {
 	fetched      atomic.Int64 // manifests and blobs it fetched for us
 	fetchedBytes atomic.Int64
 	platforms    atomic.Int64
-	done         atomic.Bool
 	err          error
 }
 
 // pull reads every manifest and blob of job's image through the mirror.
 func (p *prefetcher) pull(ctx context.Context, job *prefetchJob) error {
-	ref, err := name.ParseReference(p.host+"/"+job.image, p.opts...)
+	repo, err := name.NewRepository(p.host+"/"+job.ref.Name, p.opts...)
 	if err != nil {
 		return err
 	}
-	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuth(p.auth),
-		remote.WithTransport(&cacheCounter{inner: p.base, job: job})}
+	var ref name.Reference = repo.Tag(job.ref.Ref)
+	if strings.Contains(job.ref.Ref, ":") {
+		ref = repo.Digest(job.ref.Ref)
+	}
+	var rt http.RoundTripper = &cacheCounter{inner: p.base, job: job}
+	if job.ref.NS != "" {
+		rt = &nsTransport{inner: rt, ns: job.ref.NS}
+	}
+	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuth(p.auth), remote.WithTransport(rt)}
 	desc, err := remote.Get(ref, ropts...)
 	if err != nil {
 		return err
@@ -301,6 +321,23 @@ func (c *cacheCounter) RoundTrip(req *http.Request) (*http.Response, error) {
 	return resp, nil
 }
 
+// nsTransport names the upstream in ?ns= on every repository request, for
+// an image whose registry is a host:port (a /v2/ path cannot carry one).
+type nsTransport struct {
+	inner http.RoundTripper
+	ns    string
+}
+
+func (t *nsTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if req.URL.Path != "/v2/" {
+		req = req.Clone(req.Context())
+		q := req.URL.Query()
+		q.Set("ns", t.ns)
+		req.URL.RawQuery = q.Encode()
+	}
+	return t.inner.RoundTrip(req)
+}
+
 type countingReader struct {
 	r io.Reader
 	n *atomic.Int64
@@ -312,91 +349,6 @@ func (c *countingReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// progress shows one bar per image when stderr is a terminal (redrawn in
-// place), else one line per image when it ends.
-type progress struct {
-	w     io.Writer
-	jobs  []*prefetchJob
-	tty   bool
-	mu    sync.Mutex
-	quit  chan struct{}
-	ended chan struct{}
-	drawn int
-}
-
-func newProgress(w io.Writer, jobs []*prefetchJob) *progress {
-	p := &progress{w: w, jobs: jobs, quit: make(chan struct{}), ended: make(chan struct{})}
-	if f, ok := w.(*os.File); ok {
-		if fi, err := f.Stat(); err == nil && fi.Mode()&os.ModeCharDevice != 0 {
-			p.tty = true
-		}
-	}
-	if !p.tty {
-		close(p.ended)
-		return p
-	}
-	go func() {
-		defer close(p.ended)
-		t := time.NewTicker(150 * time.Millisecond)
-		defer t.Stop()
-		for {
-			p.draw()
-			select {
-			case <-t.C:
-			case <-p.quit:
-				p.draw()
-				return
-			}
-		}
-	}()
-	return p
-}
-
-func (p *progress) finished(j *prefetchJob) {
-	if p.tty {
-		return
-	}
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	fmt.Fprintln(p.w, j.summary())
-}
-
-func (p *progress) stop() {
-	if p.tty {
-		close(p.quit)
-	}
-	<-p.ended
-}
-
-func (p *progress) draw() {
-	var b strings.Builder
-	if p.drawn > 0 {
-		fmt.Fprintf(&b, "\x1b[%dA", p.drawn)
-	}
-	for _, j := range p.jobs {
-		b.WriteString("\x1b[2K")
-		if j.done.Load() {
-			b.WriteString(j.summary())
-		} else {
-			b.WriteString(j.bar())
-		}
-		b.WriteByte('\n')
-	}
-	p.drawn = len(p.jobs)
-	io.WriteString(p.w, b.String())
-}
-
-func (j *prefetchJob) bar() string {
-	const width = 30
-	total, read := j.total.Load(), j.read.Load()
-	filled := 0
-	if total > 0 {
-		filled = int(min(read*width/total, width))
-	}
-	return fmt.Sprintf("%-40s [%s%s] %s / %s", trimName(j.image, 40), strings.Repeat("=", filled),
-		strings.Repeat(" ", width-filled), humanBytes(read), humanBytes(total))
-}
-
 func (j *prefetchJob) summary() string {
 	if j.err != nil {
 		return fmt.Sprintf("%s: FAILED: %v", j.image, j.err)
@@ -406,27 +358,8 @@ func (j *prefetchJob) summary() string {
 		plats = fmt.Sprintf("%d platforms, ", n)
 	}
 	if j.fetched.Load() == 0 {
-		return fmt.Sprintf("%s: %s%d blobs, %s, all cached", j.image, plats, j.blobs.Load(), humanBytes(j.total.Load()))
+		return fmt.Sprintf("%s: %s%d blobs, %s, all cached", j.image, plats, j.blobs.Load(), sizeText(j.total.Load()))
 	}
 	return fmt.Sprintf("%s: %s%d blobs, %s; fetched %d manifests and blobs (%s) from the upstream, %d were cached",
-		j.image, plats, j.blobs.Load(), humanBytes(j.total.Load()), j.fetched.Load(), humanBytes(j.fetchedBytes.Load()), j.cached.Load())
-}
-
-func trimName(s string, n int) string {
-	if len(s) <= n {
-		return s
-	}
-	return "…" + s[len(s)-n+1:]
-}
-
-func humanBytes(n int64) string {
-	switch {
-	case n >= 1<<30:
-		return fmt.Sprintf("%.1f GiB", float64(n)/(1<<30))
-	case n >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(n)/(1<<20))
-	case n >= 1<<10:
-		return fmt.Sprintf("%.1f KiB", float64(n)/(1<<10))
-	}
-	return fmt.Sprintf("%d B", n)
+		j.image, plats, j.blobs.Load(), sizeText(j.total.Load()), j.fetched.Load(), sizeText(j.fetchedBytes.Load()), j.cached.Load())
 }

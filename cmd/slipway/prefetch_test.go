@@ -1,6 +1,10 @@
 package main
 
 import (
+	"bytes"
+	"encoding/json"
+	"io"
+	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
@@ -81,6 +85,70 @@ func TestPrefetchMultiArch(t *testing.T) {
 	}
 	if code, _, _ := runOnce(t, nil, "prefetch", server); code != 2 {
 		t.Errorf("prefetch without images: exit %d, want 2", code)
+	}
+	p.stop(t, syscall.SIGTERM, 10*time.Second)
+}
+
+// slipway prefetch and POST /v2/_slipway/prefetch read an image name the
+// same way: each form below works in both or fails in both (the CLI with
+// exit 2 before any pull, the API with a 400 OCI error).
+func TestPrefetchReferencesAsTheAPIReadsThem(t *testing.T) {
+	t.Parallel()
+	up := newCountingUpstream(t)
+	single, _ := random.Image(8<<10, 1)
+	if err := crane.Push(single, up.host+"/team/single:v1", crane.Insecure); err != nil {
+		t.Fatal(err)
+	}
+	d, _ := single.Digest()
+	addr := freeAddr(t)
+	p := start(t, nil, "serve", "--listen", addr, "--upstream", up.url, "--data-dir", t.TempDir())
+	p.waitReady(t, addr)
+	server := "--server=http://" + addr
+	api := func(image string) (int, string) {
+		b, _ := json.Marshal(map[string]any{"images": []string{image}})
+		resp, err := http.Post("http://"+addr+"/v2/_slipway/prefetch", "application/json", bytes.NewReader(b))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(body)
+	}
+	for _, image := range []string{
+		"team/single:v1",
+		"team/single:v1@" + d.String(),
+		"team/single@" + d.String(),
+		up.host + "/team/single:v1", // the upstream by host:port: ?ns=
+		up.host + "/team/single:v1@" + d.String(),
+	} {
+		code, out, errOut := runOnce(t, nil, "prefetch", server, image)
+		if code != 0 || !strings.Contains(out, "prefetched 1 of 1 images") {
+			t.Errorf("slipway prefetch %s: exit %d\n%s%s", image, code, out, errOut)
+		}
+		if status, body := api(image); status != http.StatusOK {
+			t.Errorf("POST prefetch %s: %d %s", image, status, body)
+		}
+	}
+	gets := up.blobGETs("team/single")
+	for image, code := range map[string]string{
+		"Team/single:v1":                         "NAME_INVALID",
+		"team//single:v1":                        "NAME_INVALID",
+		"team/single:.v1":                        "TAG_INVALID",
+		"team/single@sha256:abc":                 "DIGEST_INVALID",
+		"team/single@md5:" + d.Hex[:32]:          "DIGEST_INVALID",
+		"https://" + up.host + "/team/single:v1": "NAME_INVALID",
+	} {
+		c, out, errOut := runOnce(t, nil, "prefetch", server, "team/single:v1", image)
+		if c != 2 || !strings.Contains(errOut, code) || !strings.Contains(errOut, image) || out != "" {
+			t.Errorf("slipway prefetch %s: exit %d, want 2 with %s naming it\n%s%s", image, c, code, out, errOut)
+		}
+		status, body := api(image)
+		if status != http.StatusBadRequest || !strings.Contains(body, `"code":"`+code+`"`) {
+			t.Errorf("POST prefetch %s: %d %s, want 400 %s", image, status, body, code)
+		}
+	}
+	if n := up.blobGETs("team/single"); n != gets {
+		t.Errorf("bad names made %d upstream blob GETs", n-gets)
 	}
 	p.stop(t, syscall.SIGTERM, 10*time.Second)
 }
