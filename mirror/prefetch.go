@@ -70,20 +70,7 @@ func (s *Server) postPrefetch(c echo.Context) error {
 	ctx := context.WithoutCancel(c.Request().Context())
 	ns := c.QueryParam("ns") // echo.Context is not for other goroutines
 	results := make([]PrefetchResult, len(req.Images))
-	next := make(chan int)
-	var wg sync.WaitGroup
-	for range min(prefetchWorkers, len(req.Images)) {
-		wg.Go(func() {
-			for i := range next {
-				results[i] = s.prefetch(ctx, ns, req.Images[i], plat)
-			}
-		})
-	}
-	for i := range req.Images {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
+	s.prefetchAll(ctx, ns, req.Images, plat, nil, func(i int, r PrefetchResult) { results[i] = r })
 	status := http.StatusOK
 	for _, r := range results {
 		if r.Error != "" {
@@ -93,8 +80,34 @@ func (s *Server) postPrefetch(c echo.Context) error {
 	return c.JSON(status, map[string]any{"results": results})
 }
 
-// prefetch stores one image through the proxy, as a pull would.
-func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platform) PrefetchResult {
+// prefetchAll prefetches images with at most prefetchWorkers goroutines,
+// and hands each result to done (from the goroutine that got it). progress,
+// if not nil, gives the progress record of image i.
+func (s *Server) prefetchAll(ctx context.Context, ns string, images []string, plat *v1.Platform,
+	progress func(i int) *prefetchProgress, done func(i int, r PrefetchResult)) {
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(prefetchWorkers, len(images)) {
+		wg.Go(func() {
+			for i := range next {
+				var pr *prefetchProgress
+				if progress != nil {
+					pr = progress(i)
+				}
+				done(i, s.prefetch(ctx, ns, images[i], plat, pr))
+			}
+		})
+	}
+	for i := range images {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+}
+
+// prefetch stores one image through the proxy, as a pull would. pr, if not
+// nil, follows its progress as it goes.
+func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platform, pr *prefetchProgress) PrefetchResult {
 	res := PrefetchResult{Image: image}
 	fail := func(err error) PrefetchResult {
 		res.Error = err.Error()
@@ -136,6 +149,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platfo
 		default:
 			res.Cached++
 		}
+		pr.noted(src)
 	}
 	m, src, err := p.Manifest(ctx, t.repo, ref, nil)
 	if err != nil {
@@ -174,6 +188,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platfo
 			return fail(fmt.Errorf("manifest: %w", err))
 		}
 		blobs := append([]v1.Descriptor{man.Config}, man.Layers...)
+		pr.expect(blobs)
 		for _, bd := range blobs {
 			if bd.Digest.Hex == "" {
 				continue
@@ -185,7 +200,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platfo
 			res.Blobs++
 			note(b.Source)
 			if b.Reader != nil {
-				n, err := io.Copy(io.Discard, b.Reader)
+				n, err := io.Copy(pr.sink(), b.Reader)
 				res.Bytes += n
 				if err != nil {
 					b.Close()
@@ -193,6 +208,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, plat *v1.Platfo
 				}
 			}
 			b.Close()
+			pr.blobDone()
 		}
 	}
 	return res
