@@ -4,15 +4,19 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"html"
 	"io"
 	"net/http"
 	"net/url"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/v1/random"
 	"github.com/opencontainers/go-digest"
+
+	"slipway/cache"
 )
 
 // newUIEnv is an opsEnv whose upstream is named "up" on the page.
@@ -428,5 +432,63 @@ func TestPrefetchJobsAreBounded(t *testing.T) {
 	}
 	if status, _ := postJob(t, e, "up/team/app:v1"); status != http.StatusAccepted {
 		t.Errorf("a job with none running: %d", status)
+	}
+}
+
+// The repository list pages by cursor on the page (plain links, no
+// script needed) and in the JSON, and searches.
+func TestStatusPageRepositoryPages(t *testing.T) {
+	e := newUIEnv(t, nil)
+	img, _ := random.Image(512, 1)
+	raw, _ := img.RawManifest()
+	mt, _ := img.MediaType()
+	tags := []string{}
+	for i := range 60 {
+		tags = append(tags, fmt.Sprintf("v%02d", i))
+	}
+	d := digest.FromBytes(raw)
+	if err := e.store.PutManifest(cache.ManifestPut{NS: e.up.host, Repo: "team/app", Tags: tags,
+		Manifest: cache.Manifest{Digest: d, MediaType: string(mt), Bytes: raw, Origin: cache.OriginPulled}}); err != nil {
+		t.Fatal(err)
+	}
+
+	resp, page := getBody(t, e.url("/"))
+	if resp.StatusCode != 200 || bytes.Count(page, []byte(`<td data-label="Tag" data-f="tag">v`)) != cache.DefaultTagPage {
+		t.Fatalf("first page: %s, want %d rows", resp.Status, cache.DefaultTagPage)
+	}
+	next := regexp.MustCompile(`<a href="(/_slipway/ui\?q=&amp;cursor=[A-Za-z0-9_-]+#repos-h)">Next page</a>`).FindSubmatch(page)
+	if next == nil {
+		t.Fatalf("no Next page link on the first page")
+	}
+	resp, page = getBody(t, e.url(html.UnescapeString(string(next[1]))))
+	if resp.StatusCode != 200 || bytes.Count(page, []byte(`<td data-label="Tag" data-f="tag">v`)) != 10 ||
+		!bytes.Contains(page, []byte(">v59<")) || bytes.Contains(page, []byte("Next page")) || !bytes.Contains(page, []byte("First page")) {
+		t.Errorf("second page: %s\n%s", resp.Status, page)
+	}
+
+	var got []string
+	cursor := ""
+	for range 10 {
+		resp, b := getBody(t, e.url("/v2/_slipway/repos?n=25&cursor="+url.QueryEscape(cursor)))
+		var rb reposBody
+		if err := json.Unmarshal(b, &rb); err != nil || resp.StatusCode != 200 {
+			t.Fatalf("repos: %s %s", resp.Status, b)
+		}
+		for _, r := range rb.Rows {
+			if r.Upstream != "up" || r.Repo != "team/app" || r.Digest != string(d) || r.Pushed {
+				t.Fatalf("row %+v", r)
+			}
+			got = append(got, r.Tag)
+		}
+		if cursor = rb.Next; cursor == "" {
+			break
+		}
+	}
+	if len(got) != 60 || got[0] != "v00" || got[59] != "v59" {
+		t.Errorf("pages of 25 gave %d tags: %v", len(got), got)
+	}
+	_, page = getBody(t, e.url("/?q=APP:V5"))
+	if n := bytes.Count(page, []byte(`<td data-label="Tag" data-f="tag">v5`)); n != 10 || !bytes.Contains(page, []byte(`value="APP:V5"`)) {
+		t.Errorf("a search for APP:V5 shows %d rows, want 10", n)
 	}
 }
