@@ -159,18 +159,43 @@ func (s *Store) planEviction(need int64) ([]candidate, error) {
 	if err != nil {
 		return nil, err
 	}
-	open := s.inUseSet()
 	var h newestFirst
 	var sum int64
-	consider := func(c candidate) {
-		c.at = max(c.at, s.pendingAccess(c.d))
+	err = s.eachEvictable(pins, func(c candidate) {
 		heap.Push(&h, c)
 		sum += c.size
 		for h.Len() > 0 && sum-h[0].size >= need {
 			sum -= heap.Pop(&h).(candidate).size
 		}
+	})
+	sortOldestFirst(h)
+	return h, err
+}
+
+// sortOldestFirst sorts by last use, then digest.
+func sortOldestFirst(cs []candidate) {
+	slices.SortFunc(cs, func(a, b candidate) int {
+		switch {
+		case a.at < b.at:
+			return -1
+		case a.at > b.at:
+			return 1
+		}
+		return strings.Compare(string(a.d), string(b.d))
+	})
+}
+
+// eachEvictable calls fn with every blob and manifest eviction may
+// remove, with its last use as far as known now (the index's and any
+// still in memory): pulled content (any content in a fleet, whose shared
+// tier keeps it), not pinned, and blobs no reader holds open.
+func (s *Store) eachEvictable(pins map[digest.Digest]bool, fn func(candidate)) error {
+	open := s.inUseSet()
+	consider := func(c candidate) {
+		c.at = max(c.at, s.pendingAccess(c.d))
+		fn(c)
 	}
-	err = s.ix.view(func(txn *badger.Txn) error {
+	return s.ix.view(func(txn *badger.Txn) error {
 		err := eachWithAccess(txn, kindBlob, func(d digest.Digest, item *badger.Item, access int64) error {
 			var info BlobInfo
 			if item.Value(func(v []byte) error {
@@ -199,16 +224,6 @@ func (s *Store) planEviction(need int64) ([]candidate, error) {
 			return nil
 		})
 	})
-	slices.SortFunc(h, func(a, b candidate) int {
-		switch {
-		case a.at < b.at:
-			return -1
-		case a.at > b.at:
-			return 1
-		}
-		return strings.Compare(string(a.d), string(b.d))
-	})
-	return h, err
 }
 
 // EvictReport says what an eviction pass did (or would do).

@@ -111,7 +111,8 @@ func TestBadInputTable(t *testing.T) {
 		{"GET", "/v2/team/app/nothing/here", nil, nil, 404, "NOT_FOUND", false},
 		{"GET", "/v2/team/app/manifests", nil, nil, 404, "NOT_FOUND", false},
 		{"GET", "/v3/", nil, nil, 404, "NOT_FOUND", false},
-		{"GET", "/", nil, nil, 404, "NOT_FOUND", false},
+		{"GET", "/index.html", nil, nil, 404, "NOT_FOUND", false}, // "/" is the status page
+		{"GET", "/_slipway/ui/", nil, nil, 404, "NOT_FOUND", false},
 		{"POST", "/v2/team/app/manifests/v1", nil, nil, 405, "UNSUPPORTED", false},
 		{"PATCH", "/v2/team/app/blobs/" + d, nil, nil, 405, "UNSUPPORTED", false},
 		{"PUT", "/v2/local/a/tags/list", nil, nil, 405, "UNSUPPORTED", false},

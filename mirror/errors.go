@@ -57,6 +57,7 @@ var (
 	// UNAVAILABLE is the spec's code for "try again later".
 	codeInsufficientStorage = code{"UNAVAILABLE", http.StatusInsufficientStorage}
 	codeAdminInvalid        = code{"UNSUPPORTED", http.StatusBadRequest} // a bad /v2/_slipway/ parameter
+	codeAdminUnknown        = code{"UNSUPPORTED", http.StatusNotFound}   // an unknown /v2/_slipway/ object (a prefetch job)
 	// A bad ?n= on a listing; not in the spec's table, distribution's code.
 	codePaginationInvalid = code{"PAGINATION_NUMBER_INVALID", http.StatusBadRequest}
 	// A request body that stalled (cmd's --body-stall-timeout moved the

@@ -208,6 +208,8 @@ func routeLabel(c echo.Context) string {
 		return strings.TrimPrefix(p, "/v2/")
 	case p == "/v2/*" || p == "":
 		return "unknown"
+	case p == "/":
+		return "_slipway/ui" // the status page's other address
 	}
 	return strings.TrimPrefix(p, "/")
 }

@@ -50,55 +50,16 @@ const (
 // index unless one is asked for), for CI pipelines: it answers when all
 // are stored, 200 if every image was, else 502 with the same body.
 func (s *Server) postPrefetch(c echo.Context) error {
-	var req PrefetchRequest
-	body, err := io.ReadAll(io.LimitReader(c.Request().Body, 1<<20))
+	req, refs, plat, err := readPrefetch(c, "call")
 	if err != nil {
 		return err
 	}
-	if err := json.Unmarshal(body, &req); err != nil || len(req.Images) == 0 {
-		return newError(codeAdminInvalid, `want {"images": ["name:tag", ...], "platform": "os/arch"}`)
-	}
-	if len(req.Images) > maxPrefetchImages {
-		return newError(codeAdminInvalid, fmt.Sprintf("%d images: at most %d in one call", len(req.Images), maxPrefetchImages))
-	}
-	var plat *v1.Platform
-	if req.Platform != "" {
-		if plat, err = v1.ParsePlatform(req.Platform); err != nil {
-			return newError(codeAdminInvalid, "platform: "+err.Error())
-		}
-	}
 	ns := c.QueryParam("ns") // echo.Context is not for other goroutines
-	// Every reference is checked before any work: one that does not parse
-	// fails the call (400), as a bad name fails a pull.
-	refs := make([]ImageRef, len(req.Images))
-	for i, image := range req.Images {
-		r, err := ParseImage(image)
-		if err != nil {
-			return err
-		}
-		if r.NS != "" && ns != "" && !strings.EqualFold(r.NS, ns) {
-			return newError(codeNameInvalid, fmt.Sprintf("image %q names the upstream %q, ?ns= names %q", image, r.NS, ns))
-		}
-		refs[i] = r
-	}
 	// The work is the server's, not the client's: a CI job that gives up
 	// still leaves the fills running to completion.
 	ctx := context.WithoutCancel(c.Request().Context())
 	results := make([]PrefetchResult, len(req.Images))
-	next := make(chan int)
-	var wg sync.WaitGroup
-	for range min(prefetchWorkers, len(req.Images)) {
-		wg.Go(func() {
-			for i := range next {
-				results[i] = s.prefetch(ctx, ns, req.Images[i], refs[i], plat)
-			}
-		})
-	}
-	for i := range req.Images {
-		next <- i
-	}
-	close(next)
-	wg.Wait()
+	s.prefetchAll(ctx, ns, req.Images, refs, plat, nil, func(i int, r PrefetchResult) { results[i] = r })
 	status := http.StatusOK
 	for _, r := range results {
 		if r.Error != "" {
@@ -108,8 +69,70 @@ func (s *Server) postPrefetch(c echo.Context) error {
 	return c.JSON(status, map[string]any{"results": results})
 }
 
-// prefetch stores one image through the proxy, as a pull would.
-func (s *Server) prefetch(ctx context.Context, ns, image string, img ImageRef, plat *v1.Platform) PrefetchResult {
+// readPrefetch reads and checks a prefetch body (what is "a call" or "a
+// job"). Every reference is checked before any work: one that does not
+// parse fails the whole request (400), as a bad name fails a pull.
+func readPrefetch(c echo.Context, what string) (PrefetchRequest, []ImageRef, *v1.Platform, error) {
+	var req PrefetchRequest
+	body, err := io.ReadAll(io.LimitReader(c.Request().Body, 1<<20))
+	if err != nil {
+		return req, nil, nil, err
+	}
+	if err := json.Unmarshal(body, &req); err != nil || len(req.Images) == 0 {
+		return req, nil, nil, newError(codeAdminInvalid, `want {"images": ["name:tag", ...], "platform": "os/arch"}`)
+	}
+	if len(req.Images) > maxPrefetchImages {
+		return req, nil, nil, newError(codeAdminInvalid, fmt.Sprintf("%d images: at most %d in one %s", len(req.Images), maxPrefetchImages, what))
+	}
+	var plat *v1.Platform
+	if req.Platform != "" {
+		if plat, err = v1.ParsePlatform(req.Platform); err != nil {
+			return req, nil, nil, newError(codeAdminInvalid, "platform: "+err.Error())
+		}
+	}
+	ns := c.QueryParam("ns")
+	refs := make([]ImageRef, len(req.Images))
+	for i, image := range req.Images {
+		r, err := ParseImage(image)
+		if err != nil {
+			return req, nil, nil, err
+		}
+		if r.NS != "" && ns != "" && !strings.EqualFold(r.NS, ns) {
+			return req, nil, nil, newError(codeNameInvalid, fmt.Sprintf("image %q names the upstream %q, ?ns= names %q", image, r.NS, ns))
+		}
+		refs[i] = r
+	}
+	return req, refs, plat, nil
+}
+
+// prefetchAll prefetches images with at most prefetchWorkers goroutines,
+// and hands each result to done (from the goroutine that got it). progress,
+// if not nil, gives the progress record of image i.
+func (s *Server) prefetchAll(ctx context.Context, ns string, images []string, refs []ImageRef, plat *v1.Platform,
+	progress func(i int) *prefetchProgress, done func(i int, r PrefetchResult)) {
+	next := make(chan int)
+	var wg sync.WaitGroup
+	for range min(prefetchWorkers, len(images)) {
+		wg.Go(func() {
+			for i := range next {
+				var pr *prefetchProgress
+				if progress != nil {
+					pr = progress(i)
+				}
+				done(i, s.prefetch(ctx, ns, images[i], refs[i], plat, pr))
+			}
+		})
+	}
+	for i := range images {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+}
+
+// prefetch stores one image through the proxy, as a pull would. pr, if not
+// nil, follows its progress as it goes.
+func (s *Server) prefetch(ctx context.Context, ns, image string, img ImageRef, plat *v1.Platform, pr *prefetchProgress) PrefetchResult {
 	res := PrefetchResult{Image: image}
 	fail := func(err error) PrefetchResult {
 		res.Error = err.Error()
@@ -140,6 +163,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, img ImageRef, p
 		default:
 			res.Cached++
 		}
+		pr.noted(src)
 	}
 	m, src, err := p.Manifest(ctx, t.repo, ref, nil)
 	if err != nil {
@@ -178,6 +202,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, img ImageRef, p
 			return fail(fmt.Errorf("manifest: %w", err))
 		}
 		blobs := append([]v1.Descriptor{man.Config}, man.Layers...)
+		pr.expect(blobs)
 		for _, bd := range blobs {
 			if bd.Digest.Hex == "" {
 				continue
@@ -189,7 +214,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, img ImageRef, p
 			res.Blobs++
 			note(b.Source)
 			if b.Reader != nil {
-				n, err := io.Copy(io.Discard, b.Reader)
+				n, err := io.Copy(pr.sink(), b.Reader)
 				res.Bytes += n
 				if err != nil {
 					b.Close()
@@ -197,6 +222,7 @@ func (s *Server) prefetch(ctx context.Context, ns, image string, img ImageRef, p
 				}
 			}
 			b.Close()
+			pr.blobDone()
 		}
 	}
 	return res

@@ -778,7 +778,7 @@ func TestBadInput(t *testing.T) {
 		{"GET", "/v2/team/app/nothing/here", 404, "NOT_FOUND"},
 		{"GET", "/v2/team/app/blobs/uploads/../x", 404, "NOT_FOUND"},
 		{"GET", "/v3/", 404, "NOT_FOUND"},
-		{"GET", "/", 404, "NOT_FOUND"},
+		{"GET", "/index.html", 404, "NOT_FOUND"}, // "/" is the status page
 		{"GET", "/v2/team/app/manifests/v1?ns=evil.example.com", 404, "NAME_UNKNOWN"},
 		{"GET", "/v2/team/huge/manifests/v1", 502, "UNAVAILABLE"},
 		{"POST", "/v2/team/app/manifests/v1", 405, "UNSUPPORTED"},

@@ -25,6 +25,8 @@ import (
 // Upstream is one proxied registry and the names clients may use for it.
 type Upstream struct {
 	Proxy *upstream.Proxy
+	// Name is what the status page calls it; "": its host.
+	Name string
 	// Names are the hosts and aliases that select this upstream in ?ns= or
 	// as the first path segment ("docker.io", "hub", "ghcr.io").
 	Names []string
@@ -74,6 +76,8 @@ type Server struct {
 	fills     *upstream.Filler
 	metrics   *metrics
 	draining  atomic.Bool
+	counters  statusCounters // the status page's hit ratio and stale answers
+	jobs      *prefetchJobs
 }
 
 // routing is what a reload replaces in one step: the upstreams with their
@@ -148,7 +152,7 @@ func New(cfg Config) (*Server, error) {
 		return nil, errors.New("mirror: no store")
 	}
 	s := &Server{store: cfg.Store, push: cfg.Push, log: cfg.Logger, openAdmin: cfg.OpenAdmin,
-		fleet: cfg.Fleet, fills: cfg.Fills}
+		fleet: cfg.Fleet, fills: cfg.Fills, jobs: newPrefetchJobs()}
 	if err := s.Reload(cfg.Upstreams, cfg.Default, cfg.Auth); err != nil {
 		return nil, err
 	}
@@ -163,6 +167,7 @@ func New(cfg Config) (*Server, error) {
 	e.GET("/metrics", echo.WrapHandler(s.metrics.handler()))
 	e.POST("/v2/_slipway/prefetch", s.postPrefetch)
 	s.adminRoutes(e)
+	s.uiRoutes(e)
 	e.GET("/v2", s.getBase)
 	e.HEAD("/v2", s.getBase)
 	e.GET("/v2/", s.getBase)
@@ -422,9 +427,10 @@ func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
 			attrs = append(attrs, "user", u)
 		}
 		s.metrics.observe(c, rl, src, hasSrc)
+		s.counters.observe(c, rl, src, hasSrc)
 		level := slog.LevelInfo
-		if publicPaths[c.Request().URL.Path] && c.Response().Status == http.StatusOK {
-			level = slog.LevelDebug // probes and scrapes, every few seconds
+		if quiet := c.Request().URL.Path; (publicPaths[quiet] || uiPolled(quiet)) && c.Response().Status == http.StatusOK {
+			level = slog.LevelDebug // probes, scrapes and status pages, every few seconds
 		}
 		if e, ok := c.Get(ctxError).(error); ok {
 			attrs = append(attrs, "err", e.Error())

@@ -112,6 +112,8 @@ type Client struct {
 
 	statsMu   sync.Mutex
 	responses map[string]uint64 // by status code, or "error" for no response
+
+	health health // last success and failure, for the status page
 }
 
 const maxTransports = 1024
@@ -266,6 +268,9 @@ func (c *Client) doOnce(ctx context.Context, method, repo, path string, accept [
 	rt, err := c.transport(ctx, repo)
 	if err != nil {
 		release()
+		if !errors.Is(err, ErrNotFound) {
+			c.health.failed(ctx, err)
+		}
 		return nil, err
 	}
 	u := *c.base
@@ -283,18 +288,26 @@ func (c *Client) doOnce(ctx context.Context, method, repo, path string, accept [
 	if err != nil {
 		c.count("error")
 		release()
-		return nil, classify(err)
+		err = classify(err)
+		c.health.failed(ctx, err)
+		return nil, err
 	}
 	c.count(strconv.Itoa(resp.StatusCode))
 	c.noteRateLimit(resp)
 	if resp.StatusCode == http.StatusOK {
+		c.health.answered(resp.StatusCode, nil, nil)
 		resp.Body = &releaseBody{ReadCloser: resp.Body, release: release}
 		return resp, nil
 	}
 	defer release()
 	defer resp.Body.Close()
+	var body []byte // the start of a failure's body says why, for the status page
+	if failure(resp.StatusCode) {
+		body, _ = io.ReadAll(io.LimitReader(resp.Body, 4<<10))
+	}
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	err = statusError(resp)
+	c.health.answered(resp.StatusCode, err, body)
 	var rl *RateLimitError
 	if errors.As(err, &rl) {
 		c.backOff(rl.RetryAfter)

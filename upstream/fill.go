@@ -59,6 +59,9 @@ type fill struct {
 	w        *cache.BlobWriter
 	size     int64
 	err      error
+
+	begun   time.Time    // for the status page: rate, age
+	waiters atomic.Int64 // clients reading it now (see follow)
 }
 
 // NewFiller returns a Filler that stores into s.
@@ -163,7 +166,7 @@ func (f *Filler) start(ctx context.Context, up *Client, repo string, d digest.Di
 			f.mu.Unlock()
 			return nil, fmt.Errorf("%w: shutting down", ErrUnavailable)
 		}
-		fl = &fill{ns: ns, repo: repo, hop: IsHop(ctx), local: local, started: make(chan struct{})}
+		fl = &fill{ns: ns, repo: repo, hop: IsHop(ctx), local: local, started: make(chan struct{}), begun: time.Now()}
 		f.fills[d] = fl
 		f.wg.Add(1)
 		go f.run(fl, up, repo, d)
@@ -190,6 +193,7 @@ func (f *Filler) start(ctx context.Context, up *Client, repo string, d digest.Di
 	if err != nil {
 		return nil, err
 	}
+	r = fl.follow(r)
 	src := SourceMiss
 	if joined {
 		src = SourceJoined

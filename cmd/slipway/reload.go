@@ -185,7 +185,7 @@ func (b *upstreamBuilder) build(specs []upstreamSpec) (ups []mirror.Upstream, ke
 		if !strings.Contains(sp.name, "/") {
 			names = append(names, sp.name)
 		}
-		ups = append(ups, mirror.Upstream{Proxy: p, Names: names, DockerHub: isDockerHub(sp.url), Policy: sp.policy})
+		ups = append(ups, mirror.Upstream{Proxy: p, Name: sp.name, Names: names, DockerHub: isDockerHub(sp.url), Policy: sp.policy})
 	}
 	return ups, func() {
 		b.mu.Lock()

@@ -92,6 +92,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, reload <-
 	if err != nil {
 		return err
 	}
+	defer srv.Close() // its prefetch jobs, before the fills they read
 	if (c.tlsCert == "") != (c.tlsKey == "") {
 		return errors.New("--tls-cert and --tls-key go together")
 	}
