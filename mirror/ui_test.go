@@ -270,6 +270,8 @@ func TestStatusPageBadInput(t *testing.T) {
 		{"POST", "/v2/_slipway/prefetch/jobs", "application/json", `{"images":[]}`, 400, "UNSUPPORTED"},
 		{"POST", "/v2/_slipway/prefetch/jobs", "application/json", `{"images":["a"],"platform":"x/y/z/w"}`, 400, "UNSUPPORTED"},
 		{"POST", "/v2/_slipway/prefetch/jobs", "application/json", `{"images":[` + strings.Repeat(`"a",`, maxPrefetchImages) + `"a"]}`, 400, "UNSUPPORTED"},
+		{"POST", "/v2/_slipway/prefetch/jobs", "application/json", `{"images":["alpine:3.20","Bad/Name:1"]}`, 400, "NAME_INVALID"},
+		{"POST", "/v2/_slipway/prefetch/jobs", "application/json", `{"images":["alpine@sha256:nothex"]}`, 400, "DIGEST_INVALID"},
 		{"GET", "/v2/_slipway/prefetch/jobs/nope", "", "", 404, "UNSUPPORTED"},
 		{"GET", "/v2/_slipway/prefetch/jobs/" + strings.Repeat("0", 32), "", "", 404, "UNSUPPORTED"},
 		{"GET", "/v2/_slipway/prefetch/jobs/%2e%2e%2f%2e%2e", "", "", 404, "UNSUPPORTED"},
