@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 )
@@ -34,6 +35,9 @@ type metricDef struct {
 	help    string
 	labels  []string
 	buckets []float64 // histograms only
+
+	descOnce sync.Once
+	descVal  *prometheus.Desc
 }
 
 // Buckets, in seconds.
@@ -156,12 +160,14 @@ func (d *metricDef) histogramVec() *prometheus.HistogramVec {
 	return prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: d.name, Help: d.help, Buckets: d.buckets}, d.labels)
 }
 
-// desc is the entry's descriptor, for values read at scrape time.
+// desc is the entry's descriptor, for values read at scrape time; made
+// once, as every scrape uses it.
 func (d *metricDef) desc() *prometheus.Desc {
 	if d.kind == histogram {
 		panic(fmt.Sprintf("metric %s: a histogram is not read at scrape time", d.name))
 	}
-	return prometheus.NewDesc(d.name, d.help, d.labels, nil)
+	d.descOnce.Do(func() { d.descVal = prometheus.NewDesc(d.name, d.help, d.labels, nil) })
+	return d.descVal
 }
 
 // constMetric is a value of the entry read at scrape time.
