@@ -1,8 +1,11 @@
 package mirror
 
 import (
+	"slices"
 	"sync"
 	"time"
+
+	"slipway/upstream"
 )
 
 // hitWindow counts the cache's answers to proxied manifest and blob
@@ -71,6 +74,23 @@ func (w *hitWindow) over(d time.Duration) hitRatio {
 		r.Ratio = &ratio
 	}
 	return r
+}
+
+// The cache answers the hit ratio counts, here and in the rules and
+// dashboard slipway prints: a hit is a fresh or revalidated answer from
+// the cache; a miss, a joined fetch or a stale answer is not. A HEAD the
+// upstream answered and a pushed repository's answer are no cache answers.
+var (
+	hitResults  = []upstream.Source{upstream.SourceHit, upstream.SourceRevalidated}
+	missResults = []upstream.Source{upstream.SourceMiss, upstream.SourceJoined, upstream.SourceStale}
+)
+
+// isHit tells a cache answer's result: a hit, a miss, or none (ok false).
+func isHit(src upstream.Source) (hit, ok bool) {
+	if slices.Contains(hitResults, src) {
+		return true, true
+	}
+	return false, slices.Contains(missResults, src)
 }
 
 // hitRatio is hits of total answers; Ratio is nil when there were none.

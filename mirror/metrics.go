@@ -16,18 +16,23 @@ import (
 // StoreStats is what the store can tell about itself at scrape time; cmd
 // fills it from cache.Store.Stats. Nil Config.StoreStats: not exported.
 type StoreStats struct {
-	DiskBytes   int64  // bytes of blob files on disk
+	DiskBytes   int64  // bytes of blobs and manifests: what counts against the budget
 	Evictions   uint64 // blobs evicted by the size budget since start
 	UploadsOpen int64  // upload sessions started and not yet finished; -1: unknown
+	// The budget and its watermarks in bytes; 0: no budget.
+	MaxBytes, HighWatermarkBytes, LowWatermarkBytes int64
 }
 
 // metrics are one Server's Prometheus collectors, in a registry of its own
-// (no package-global state). Counters that originate in upstream are read
-// at scrape time through getters (Client.Responses, RateLimitRemaining,
-// Filler.InFlight), so inner packages do not import prometheus.
+// (no package-global state), each made from its entry in the catalog
+// (catalog.go). Counters that originate in upstream are read at scrape time
+// through getters (Client.Responses, RateLimitRemaining, Filler.InFlight),
+// and its timings come through an Observer, so inner packages do not import
+// prometheus.
 type metrics struct {
 	reg      *prometheus.Registry
 	requests *prometheus.CounterVec // route, method, status
+	duration *prometheus.HistogramVec
 	results  *prometheus.CounterVec // kind, result
 	bytes    *prometheus.CounterVec // source
 	denied   *prometheus.CounterVec // upstream
@@ -36,43 +41,27 @@ type metrics struct {
 	reloadAt prometheus.Gauge
 }
 
-func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats) *metrics {
+func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs *Observer) *metrics {
 	m := &metrics{
-		reg: prometheus.NewRegistry(),
-		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "slipway_http_requests_total",
-			Help: "HTTP requests answered, by route kind, method and status code.",
-		}, []string{"route", "method", "status"}),
-		results: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "slipway_cache_results_total",
-			Help: "Proxied manifest and blob requests by how they were answered: hit, miss, stale, joined, revalidated, upstream.",
-		}, []string{"kind", "result"}),
-		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "slipway_served_bytes_total",
-			Help: "Response body bytes of manifests and blobs, by source: cache (stored), upstream (streamed from a fill), local (pushed).",
-		}, []string{"source"}),
-		denied: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "slipway_policy_denied_total",
-			Help: "Requests refused by an upstream's pull-through policy (403 DENIED, no upstream request), by upstream.",
-		}, []string{"upstream"}),
-		reloads: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "slipway_config_reloads_total",
-			Help: "Reloads of the configuration (SIGHUP, a renewed certificate), by result: success, or failure (the old configuration stays).",
-		}, []string{"result"}),
-		reloadOK: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "slipway_config_last_reload_successful",
-			Help: "1 if the last reload of the configuration took, 0 if it failed and the configuration before it is still in use.",
-		}),
-		reloadAt: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: "slipway_config_last_reload_success_timestamp_seconds",
-			Help: "When the configuration in use was loaded (at start or by the last reload that took), in Unix seconds.",
-		}),
+		reg:      prometheus.NewRegistry(),
+		requests: mHTTPRequests.counterVec(),
+		duration: mHTTPDuration.histogramVec(),
+		results:  mCacheResults.counterVec(),
+		bytes:    mServedBytes.counterVec(),
+		denied:   mPolicyDenied.counterVec(),
+		reloads:  mReloads.counterVec(),
+		reloadOK: mReloadOK.gauge(),
+		reloadAt: mReloadAt.gauge(),
+	}
+	if obs == nil {
+		obs = NewObserver()
 	}
 	m.reloads.WithLabelValues("success")
 	m.reloads.WithLabelValues("failure")
 	m.reloadOK.Set(1)
 	m.reloadAt.SetToCurrentTime()
-	m.reg.MustRegister(m.requests, m.results, m.bytes, m.denied, m.reloads, m.reloadOK, m.reloadAt,
+	m.reg.MustRegister(m.requests, m.duration, m.results, m.bytes, m.denied, m.reloads, m.reloadOK, m.reloadAt,
+		obs.fills, obs.fillDuration, obs.fillFirstByte, obs.upstreamDuration,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 		&scrapeCollector{s: s, fills: fills, stats: stats})
 	return m
@@ -131,25 +120,6 @@ func (m *metrics) handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{Registry: m.reg})
 }
 
-var (
-	descFills = prometheus.NewDesc("slipway_fills_in_flight",
-		"Blob downloads from upstreams running now (each shared by every client that asks for the blob).", nil, nil)
-	descJoins = prometheus.NewDesc("slipway_fill_joins_total",
-		"Blob requests that joined a download already in flight instead of starting one.", nil, nil)
-	descUpstream = prometheus.NewDesc("slipway_upstream_requests_total",
-		"Requests sent to an upstream registry, by upstream host and status code (\"error\": no response).",
-		[]string{"upstream", "status"}, nil)
-	descRateLimit = prometheus.NewDesc("slipway_upstream_ratelimit_remaining",
-		"The last ratelimit-remaining an upstream reported (Docker Hub pulls left in its window).",
-		[]string{"upstream"}, nil)
-	descDisk = prometheus.NewDesc("slipway_cache_disk_bytes",
-		"Bytes of blob files in the cache directory.", nil, nil)
-	descEvictions = prometheus.NewDesc("slipway_cache_evictions_total",
-		"Blobs removed by the cache size budget.", nil, nil)
-	descUploads = prometheus.NewDesc("slipway_upload_sessions_open",
-		"Push upload sessions started and not yet finished or cancelled.", nil, nil)
-)
-
 // scrapeCollector reads counters that live in other packages when
 // Prometheus scrapes.
 type scrapeCollector struct {
@@ -158,16 +128,23 @@ type scrapeCollector struct {
 	stats func() StoreStats
 }
 
+// scraped are the catalog entries scrapeCollector reads.
+var scraped = []*metricDef{mFillsInFlight, mFillJoins, mFillStalled, mFillIdleTimeout,
+	mUpstreamRequests, mRateLimitRemaining, mRateLimitLimit,
+	mDiskBytes, mMaxBytes, mHighWatermark, mLowWatermark, mEvictions, mUploadsOpen}
+
 func (sc *scrapeCollector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{descFills, descJoins, descUpstream, descRateLimit, descDisk, descEvictions, descUploads} {
-		ch <- d
+	for _, d := range scraped {
+		ch <- d.desc()
 	}
 }
 
 func (sc *scrapeCollector) Collect(ch chan<- prometheus.Metric) {
 	if sc.fills != nil {
-		ch <- prometheus.MustNewConstMetric(descFills, prometheus.GaugeValue, float64(sc.fills.InFlight()))
-		ch <- prometheus.MustNewConstMetric(descJoins, prometheus.CounterValue, float64(sc.fills.Joins()))
+		ch <- mFillsInFlight.constMetric(float64(sc.fills.InFlight()))
+		ch <- mFillJoins.constMetric(float64(sc.fills.Joins()))
+		ch <- mFillStalled.constMetric(sc.fills.Stalled().Seconds())
+		ch <- mFillIdleTimeout.constMetric(sc.fills.IdleTimeout().Seconds())
 	}
 	seen := map[string]bool{}
 	for _, u := range sc.s.routing.Load().upstreams {
@@ -178,18 +155,26 @@ func (sc *scrapeCollector) Collect(ch chan<- prometheus.Metric) {
 		}
 		seen[host] = true
 		for status, n := range cl.Responses() {
-			ch <- prometheus.MustNewConstMetric(descUpstream, prometheus.CounterValue, float64(n), host, status)
+			ch <- mUpstreamRequests.constMetric(float64(n), host, status)
 		}
 		if r := cl.RateLimitRemaining(); r >= 0 {
-			ch <- prometheus.MustNewConstMetric(descRateLimit, prometheus.GaugeValue, float64(r), host)
+			ch <- mRateLimitRemaining.constMetric(float64(r), host)
+		}
+		if l := cl.RateLimit(); l >= 0 {
+			ch <- mRateLimitLimit.constMetric(float64(l), host)
 		}
 	}
 	if sc.stats != nil {
 		st := sc.stats()
-		ch <- prometheus.MustNewConstMetric(descDisk, prometheus.GaugeValue, float64(st.DiskBytes))
-		ch <- prometheus.MustNewConstMetric(descEvictions, prometheus.CounterValue, float64(st.Evictions))
+		ch <- mDiskBytes.constMetric(float64(st.DiskBytes))
+		ch <- mEvictions.constMetric(float64(st.Evictions))
 		if st.UploadsOpen >= 0 {
-			ch <- prometheus.MustNewConstMetric(descUploads, prometheus.GaugeValue, float64(st.UploadsOpen))
+			ch <- mUploadsOpen.constMetric(float64(st.UploadsOpen))
+		}
+		if st.MaxBytes > 0 {
+			ch <- mMaxBytes.constMetric(float64(st.MaxBytes))
+			ch <- mHighWatermark.constMetric(float64(st.HighWatermarkBytes))
+			ch <- mLowWatermark.constMetric(float64(st.LowWatermarkBytes))
 		}
 	}
 }

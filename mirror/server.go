@@ -62,6 +62,10 @@ type Config struct {
 	// StoreStats, if set, is read at scrape time for disk, eviction and
 	// upload gauges.
 	StoreStats func() StoreStats
+	// Observer, if set, is the one the Filler and the upstream clients
+	// report to; its histograms are served with the rest. Nil: a new one
+	// (the fill and upstream histograms stay empty).
+	Observer *Observer
 }
 
 // Server is the registry front.
@@ -156,7 +160,7 @@ func New(cfg Config) (*Server, error) {
 	if err := s.Reload(cfg.Upstreams, cfg.Default, cfg.Auth); err != nil {
 		return nil, err
 	}
-	s.metrics = newMetrics(s, cfg.Fills, cfg.StoreStats)
+	s.metrics = newMetrics(s, cfg.Fills, cfg.StoreStats, cfg.Observer)
 
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
@@ -428,6 +432,7 @@ func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
 		}
 		s.metrics.observe(c, rl, src, hasSrc)
 		s.counters.observe(c, rl, src, hasSrc)
+		s.metrics.observeDuration(c, rl, src, hasSrc, time.Since(start))
 		level := slog.LevelInfo
 		if quiet := c.Request().URL.Path; (publicPaths[quiet] || uiPolled(quiet)) && c.Response().Status == http.StatusOK {
 			level = slog.LevelDebug // probes, scrapes and status pages, every few seconds

@@ -96,11 +96,8 @@ func (sc *statusCounters) observe(c echo.Context, routeName string, src upstream
 	if !hasSrc || (routeName != "manifest" && routeName != "blob") {
 		return
 	}
-	switch src {
-	case upstream.SourceHit, upstream.SourceRevalidated:
-		sc.hits.note(true)
-	case upstream.SourceStale, upstream.SourceMiss, upstream.SourceJoined:
-		sc.hits.note(false)
+	if hit, ok := isHit(src); ok {
+		sc.hits.note(hit)
 	}
 	t, ok := c.Get(ctxTarget).(target)
 	if src != upstream.SourceStale || !ok || t.local {

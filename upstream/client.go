@@ -86,6 +86,8 @@ type Config struct {
 	// network error or a 5xx is tried again. Default 2; negative: none.
 	Retries int
 	Logger  *slog.Logger
+	// Observer, if set, hears how long each request took (metrics).
+	Observer Observer
 }
 
 // Client talks to one upstream registry. It keeps one authenticated
@@ -109,6 +111,8 @@ type Client struct {
 	backoffUntil time.Time // after a 429: no requests until then
 
 	rateRemaining atomic.Int64 // Docker Hub's ratelimit-remaining, -1 unknown
+	rateLimit     atomic.Int64 // and its ratelimit-limit, -1 unknown
+	observer      Observer
 
 	statsMu   sync.Mutex
 	responses map[string]uint64 // by status code, or "error" for no response
@@ -163,8 +167,10 @@ func New(c Config) (*Client, error) {
 		retries:    c.Retries,
 		log:        c.Logger,
 		transports: transports,
+		observer:   c.Observer,
 	}
 	cl.rateRemaining.Store(-1)
+	cl.rateLimit.Store(-1)
 	return cl, nil
 }
 
@@ -284,7 +290,9 @@ func (c *Client) doOnce(ctx context.Context, method, repo, path string, accept [
 	if len(accept) > 0 {
 		req.Header.Set("Accept", strings.Join(accept, ", "))
 	}
+	sent := time.Now()
 	resp, err := (&http.Client{Transport: rt}).Do(req)
+	c.observeRequest(time.Since(sent))
 	if err != nil {
 		c.count("error")
 		release()
@@ -395,6 +403,9 @@ func (c *Client) noteRateLimit(resp *http.Response) {
 		return
 	}
 	c.rateRemaining.Store(n)
+	if l, ok := parseRateLimit(resp.Header.Get("Ratelimit-Limit")); ok {
+		c.rateLimit.Store(l)
+	}
 	c.log.Info("upstream rate limit", "upstream", c.Host(), "remaining", n, "limit", resp.Header.Get("Ratelimit-Limit"))
 }
 

@@ -28,6 +28,8 @@ type FillerOptions struct {
 	// Fleet, if set, makes the fill of a digest this replica does not own
 	// read from its owner (after the store's shared tier, if any).
 	Fleet *Fleet
+	// Observer, if set, hears how each fill ended (metrics).
+	Observer Observer
 }
 
 // Filler fills the cache from upstreams: at most one fill per digest at a
@@ -42,6 +44,7 @@ type Filler struct {
 	idle    time.Duration
 
 	fleet  *Fleet
+	obs    Observer
 	ctx    context.Context
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -60,8 +63,8 @@ type fill struct {
 	size     int64
 	err      error
 
-	begun   time.Time    // for the status page: rate, age
-	waiters atomic.Int64 // clients reading it now (see follow)
+	waiters  atomic.Int64 // clients reading it now (see follow)
+	progress progress     // for Stalled, the Observer and the status page
 }
 
 // NewFiller returns a Filler that stores into s.
@@ -77,7 +80,7 @@ func NewFiller(s *cache.Store, o FillerOptions) *Filler {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	return &Filler{
-		store: s, log: o.Logger, timeout: o.Timeout, idle: o.IdleTimeout, fleet: o.Fleet,
+		store: s, log: o.Logger, timeout: o.Timeout, idle: o.IdleTimeout, fleet: o.Fleet, obs: o.Observer,
 		ctx: ctx, cancel: cancel, fills: make(map[digest.Digest]*fill),
 	}
 }
@@ -166,7 +169,8 @@ func (f *Filler) start(ctx context.Context, up *Client, repo string, d digest.Di
 			f.mu.Unlock()
 			return nil, fmt.Errorf("%w: shutting down", ErrUnavailable)
 		}
-		fl = &fill{ns: ns, repo: repo, hop: IsHop(ctx), local: local, started: make(chan struct{}), begun: time.Now()}
+		fl = &fill{ns: ns, repo: repo, hop: IsHop(ctx), local: local, started: make(chan struct{})}
+		fl.progress.begin()
 		f.fills[d] = fl
 		f.wg.Add(1)
 		go f.run(fl, up, repo, d)
@@ -231,6 +235,9 @@ func (f *Filler) run(fl *fill, up *Client, repo string, d digest.Digest) {
 		close(fl.started)
 	}
 	f.mu.Unlock()
+	if f.obs != nil {
+		f.obs.ObserveFill(fl.progress.report(fl.ns, from, err))
+	}
 
 	if err != nil {
 		f.log.Warn("fill failed", "upstream", fl.ns, "repo", repo, "digest", d, "from", from, "dur", time.Since(start), "err", err)
@@ -303,7 +310,7 @@ func (f *Filler) fill(ctx context.Context, cancel context.CancelFunc, fl *fill, 
 	defer idle.Stop()
 	bufp := copyBufs.Get().(*[]byte)
 	defer copyBufs.Put(bufp)
-	_, err = io.CopyBuffer(w, &idleReader{r: body, t: idle, d: f.idle}, *bufp)
+	_, err = io.CopyBuffer(w, &idleReader{r: body, t: idle, d: f.idle, p: &fl.progress}, *bufp)
 	if err != nil {
 		if ctx.Err() != nil {
 			err = fmt.Errorf("%w: fill of %s: %v", ErrUnavailable, d, context.Cause(ctx))
@@ -346,12 +353,14 @@ type idleReader struct {
 	r io.Reader
 	t *time.Timer
 	d time.Duration
+	p *progress
 }
 
 func (r *idleReader) Read(p []byte) (int, error) {
 	n, err := r.r.Read(p)
 	if n > 0 {
 		r.t.Reset(r.d)
+		r.p.note()
 	}
 	return n, err
 }

@@ -40,7 +40,7 @@ func (f *Filler) Fills() []FillStatus {
 			size = fl.size
 		}
 		rs = append(rs, running{w: fl.w, st: FillStatus{Digest: d, Upstream: fl.ns, Repo: fl.repo, Size: size,
-			Started: fl.begun, Waiters: int(fl.waiters.Load())}})
+			Started: fl.progress.start, Waiters: int(fl.waiters.Load())}})
 	}
 	f.mu.Unlock()
 	out := make([]FillStatus, len(rs))

@@ -31,6 +31,8 @@ Usage:
                           pull images through a mirror to warm its cache
   slipway verify [flags]  re-hash the blobs of a stopped server's data directory
   slipway gc [flags]      remove blobs no manifest references, from a stopped server's data directory
+  slipway monitoring dashboard|rules
+                          print a Grafana dashboard or Prometheus alert rules for slipway's metrics
   slipway version         print the version
 `
 
@@ -50,6 +52,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return verifyCmd(args[1:], stdout, stderr)
 	case "gc":
 		return gcCmd(args[1:], stdout, stderr)
+	case "monitoring":
+		return monitoringCmd(args[1:], stdout, stderr)
 	case "version", "--version":
 		fmt.Fprintln(stdout, "slipway", version)
 		return 0

@@ -46,6 +46,7 @@ func storeStats(s *cache.Store) func() mirror.StoreStats {
 		if n, err := s.UploadsOpen(); err == nil {
 			uploads = int64(n)
 		}
-		return mirror.StoreStats{DiskBytes: st.Bytes, Evictions: uint64(st.Evicted), UploadsOpen: uploads}
+		return mirror.StoreStats{DiskBytes: st.Bytes, Evictions: uint64(st.Evicted), UploadsOpen: uploads,
+			MaxBytes: st.MaxSize, HighWatermarkBytes: st.HighWatermark, LowWatermarkBytes: st.LowWatermark}
 	}
 }

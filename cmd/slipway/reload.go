@@ -145,6 +145,7 @@ type upstreamBuilder struct {
 	fills *upstream.Filler
 	fleet *upstream.Fleet
 	log   *slog.Logger
+	obs   upstream.Observer // nil: none
 
 	mu      sync.Mutex
 	proxies map[string]*upstream.Proxy // by proxyKey
@@ -171,7 +172,7 @@ func (b *upstreamBuilder) build(specs []upstreamSpec) (ups []mirror.Upstream, ke
 			up := clients[ck]
 			if up == nil {
 				up, err = upstream.New(upstream.Config{URL: sp.url, Auth: sp.auth, AllowPrivate: sp.allowPrivate,
-					MaxConcurrent: sp.maxConc, Logger: b.log})
+					MaxConcurrent: sp.maxConc, Logger: b.log, Observer: b.obs})
 				if err != nil {
 					return nil, nil, fmt.Errorf("upstream %q: %w", sp.name, err)
 				}

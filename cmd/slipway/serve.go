@@ -50,7 +50,10 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, reload <-
 		log.Info("fleet", "self", fleet.Self(), "id", fleet.ID(), "alive", strings.Join(fleet.Alive(), ","))
 	}
 
-	fills := upstream.NewFiller(store, upstream.FillerOptions{Logger: log, Timeout: c.fillTimeout, IdleTimeout: c.fillIdle, Fleet: fleet})
+	// The Observer the fills and upstream clients report their timings to;
+	// the server registers it.
+	obs := mirror.NewObserver()
+	fills := upstream.NewFiller(store, upstream.FillerOptions{Logger: log, Timeout: c.fillTimeout, IdleTimeout: c.fillIdle, Fleet: fleet, Observer: obs})
 	defer fills.Close()
 	// Without --push, what was pushed before is still served.
 	pushes, err := push.New(push.Config{Store: store, Logger: log, Prefixes: splitList(c.pushPrefix),
@@ -59,7 +62,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, reload <-
 		return err
 	}
 	defer pushes.Close()
-	builder := &upstreamBuilder{store: store, fills: fills, fleet: fleet, log: log}
+	builder := &upstreamBuilder{store: store, fills: fills, fleet: fleet, log: log, obs: obs}
 	specs, def, err := upstreamSpecs(c)
 	if err != nil {
 		return err
@@ -88,6 +91,7 @@ func serveUntil(ctx context.Context, c *serveConfig, log *slog.Logger, reload <-
 		Fleet:      fleet,
 		Fills:      fills,
 		StoreStats: storeStats(store),
+		Observer:   obs,
 	})
 	if err != nil {
 		return err
