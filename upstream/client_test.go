@@ -461,14 +461,17 @@ func TestDockerHubRateLimitRemainingRecorded(t *testing.T) {
 	}))
 	defer srv.Close()
 	c, _ := New(Config{URL: srv.URL})
-	if c.RateLimitRemaining() != -1 {
-		t.Error("unknown remaining should be -1")
+	if c.RateLimitRemaining() != -1 || c.RateLimit() != -1 {
+		t.Error("unknown remaining and limit should be -1")
 	}
 	if _, _, err := c.GetManifest(context.Background(), "a/b", "v1", nil); err != nil {
 		t.Fatal(err)
 	}
 	if n := c.RateLimitRemaining(); n != 76 {
 		t.Errorf("remaining %d, want 76", n)
+	}
+	if n := c.RateLimit(); n != 100 {
+		t.Errorf("limit %d, want 100", n)
 	}
 }
 

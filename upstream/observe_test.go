@@ -177,26 +177,6 @@ func TestStalledFillsShowAndFailedFillsAreReported(t *testing.T) {
 	})
 }
 
-func TestRateLimitLimitRecorded(t *testing.T) {
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		w.Header().Set("ratelimit-limit", "100;w=21600")
-		w.Header().Set("ratelimit-remaining", "76;w=21600")
-		w.Header().Set("Content-Type", "application/vnd.oci.image.manifest.v1+json")
-		io.WriteString(w, "{}")
-	}))
-	defer srv.Close()
-	c, _ := New(Config{URL: srv.URL})
-	if c.RateLimit() != -1 {
-		t.Error("an unknown limit should be -1")
-	}
-	if _, _, err := c.GetManifest(context.Background(), "a/b", "v1", nil); err != nil {
-		t.Fatal(err)
-	}
-	if n := c.RateLimit(); n != 100 {
-		t.Errorf("limit %d, want 100", n)
-	}
-}
-
 // upstream reports through Observer and getters; it must not import
 // prometheus (DESIGN.md: only mirror knows metrics).
 func TestNoPrometheusImport(t *testing.T) {

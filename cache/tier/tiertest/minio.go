@@ -4,7 +4,6 @@
 package tiertest
 
 import (
-	"context"
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
@@ -12,11 +11,11 @@ import (
 	"net/http"
 	"os"
 	"os/exec"
-	"path/filepath"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"slipway/cmd/tooltest"
 )
 
 // Version is the MinIO module version the tests run (.ci/run builds it).
@@ -32,56 +31,12 @@ type Server struct {
 	done                 chan struct{}
 }
 
-var buildOnce sync.Once
+// MinIO is the pinned MinIO the tests run.
+var MinIO = &tooltest.Tool{Name: "minio", Package: "github.com/minio/minio", Version: Version,
+	Dir: "minio-" + Version[len(Version)-12:], Env: "SLIPWAY_MINIO", Build: "about 2 to 4 minutes, 1.5 GB of memory"}
 
-// Binary finds the MinIO binary: $SLIPWAY_MINIO, else the one .ci/run
-// caches (~/.cache/slipway-tools/minio-<version>/minio), else it builds it
-// there with go install (about 2 to 4 minutes, 1.5 GB of memory).
-func Binary(t testing.TB) string {
-	t.Helper()
-	if p := os.Getenv("SLIPWAY_MINIO"); p != "" {
-		return p
-	}
-	home, err := os.UserCacheDir()
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(home, "slipway-tools", "minio-"+Version[len(Version)-12:])
-	bin := filepath.Join(dir, "minio")
-	buildOnce.Do(func() {
-		if _, err := os.Stat(bin); err == nil {
-			return
-		}
-		// Test binaries of several packages may get here at once: one
-		// builds, the others wait for it on the lock and then find it.
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		lock, err := os.OpenFile(filepath.Join(dir, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer lock.Close()
-		if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-			t.Fatal(err)
-		}
-		if _, err := os.Stat(bin); err == nil {
-			return
-		}
-		t.Logf("building MinIO %s into %s (go install; minutes)", Version, dir)
-		ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
-		defer cancel()
-		cmd := exec.CommandContext(ctx, "go", "install", "github.com/minio/minio@"+Version)
-		cmd.Env = append(os.Environ(), "GOBIN="+dir, "CGO_ENABLED=0")
-		if out, err := cmd.CombinedOutput(); err != nil {
-			t.Fatalf("building MinIO: %v\n%s", err, out)
-		}
-	})
-	if _, err := os.Stat(bin); err != nil {
-		t.Fatalf("MinIO binary: %v", err)
-	}
-	return bin
-}
+// Binary finds or builds MinIO (see tooltest.Tool.Binary).
+func Binary(t testing.TB) string { return MinIO.Binary(t) }
 
 // Start runs MinIO on a free loopback port with a fresh data directory;
 // it is stopped when the test ends.
