@@ -76,11 +76,20 @@ type pushResult struct {
 	ChunkedMBps       float64 `json:"chunked_mbps"`
 	MonolithicOverDD  float64 `json:"monolithic_over_dd"`
 	ChunkedOverDD     float64 `json:"chunked_over_dd"`
+	SinglePOSTMBps    float64 `json:"single_post_mbps"`
+	SinglePOSTOverDD  float64 `json:"single_post_over_dd"`
 	Pushers           int     `json:"pushers"`
 	PusherBytes       int64   `json:"pusher_bytes"`
-	ConcurrentSeconds float64 `json:"concurrent_seconds"`
+	ConcurrentSeconds float64 `json:"concurrent_seconds"` // monolithic (POST, then PUT with the blob)
 	ConcurrentErrors  int64   `json:"concurrent_errors"`
-	FirstError        string  `json:"first_error,omitempty"`
+	// ConcurrentDiskMB and ConcurrentChunkedDiskMB are what the disk under
+	// the work directory wrote while the pushes ran (/proc/diskstats'
+	// sectors, so anything else on that disk counts too); -1: unknown.
+	ConcurrentDiskMB         float64 `json:"concurrent_disk_mb"`
+	ConcurrentChunkedSeconds float64 `json:"concurrent_chunked_seconds"` // POST, PATCHes, PUT with the digest
+	ConcurrentChunkedErrors  int64   `json:"concurrent_chunked_errors"`
+	ConcurrentChunkedDiskMB  float64 `json:"concurrent_chunked_disk_mb"`
+	FirstError               string  `json:"first_error,omitempty"`
 }
 
 func writeJSON(path string, r *result) error {
@@ -153,8 +162,9 @@ func rows(r *result) [][2]string {
 			c.UpstreamGETs, c.Total.MaxMs/1000, c.SlowestOverSingle, c.SingleSeconds, bound, c.FirstByteSpreadMs, c.ServerCPUSeconds, c.Errors)
 	}
 	if p := r.Push; p != nil {
-		add("push", "monolithic %.2f × dd, chunked %.2f × dd (dd %.0f MB/s)", p.MonolithicOverDD, p.ChunkedOverDD, p.DDMBps)
-		add(fmt.Sprintf("%d × one blob", p.Pushers), "%.1f s, %d errors", p.ConcurrentSeconds, p.ConcurrentErrors)
+		add("push", "monolithic %.2f × dd, chunked %.2f × dd, single POST %.2f × dd (dd %.0f MB/s)", p.MonolithicOverDD, p.ChunkedOverDD, p.SinglePOSTOverDD, p.DDMBps)
+		add(fmt.Sprintf("%d × one blob, monolithic", p.Pushers), "%.1f s, %d errors, disk wrote %.0f MB for %.0f MB", p.ConcurrentSeconds, p.ConcurrentErrors, p.ConcurrentDiskMB, float64(p.PusherBytes)/1e6)
+		add(fmt.Sprintf("%d × one blob, chunked", p.Pushers), "%.1f s, %d errors, disk wrote %.0f MB for %.0f MB", p.ConcurrentChunkedSeconds, p.ConcurrentChunkedErrors, p.ConcurrentChunkedDiskMB, float64(p.PusherBytes)/1e6)
 	}
 	var rss []string
 	for _, m := range []struct {
@@ -253,9 +263,9 @@ func checks(s, peer, ceil *result) []check {
 	}
 	if m := s.WarmManifest; m != nil {
 		if ceil != nil && ceil.WarmManifest != nil {
-			ratio("warm manifest req/s ÷ ceiling", m.RPS, ceil.WarmManifest.RPS, 0.5, "≥ 0.5")
+			ratio("warm manifest req/s ÷ ceiling", m.RPS, ceil.WarmManifest.RPS, 0.9, "≥ 0.9")
 			if c := ceil.WarmManifest.P99Ms; c > 0 {
-				out = append(out, check{"warm manifest p99 ÷ ceiling", fmt.Sprintf("%.2f", m.P99Ms/c), "≤ 2", m.P99Ms/c <= 2})
+				out = append(out, check{"warm manifest p99 ÷ ceiling", fmt.Sprintf("%.2f", m.P99Ms/c), "≤ 1.5", m.P99Ms/c <= 1.5})
 			}
 		}
 		if peer != nil && peer.WarmManifest != nil {
@@ -269,9 +279,14 @@ func checks(s, peer, ceil *result) []check {
 			continue
 		}
 		at := " (" + linkName(c) + ")"
+		out = append(out, check{"cold fill upstream GETs" + at, fmt.Sprint(c.UpstreamGETs), "1", c.UpstreamGETs == 1})
+		if c.UpstreamMiBps <= 0 && c.ServeBoundSeconds > 0 {
+			// At loopback speed no server beats serving N copies warm.
+			out = append(out, check{"cold fill slowest ÷ bound" + at, fmt.Sprintf("%.2f", c.SlowestOverBound), "≤ 1.25", c.SlowestOverBound <= 1.25})
+		} else {
+			out = append(out, check{"cold fill slowest ÷ single" + at, fmt.Sprintf("%.2f", c.SlowestOverSingle), "≤ 1.25", c.SlowestOverSingle <= 1.25})
+		}
 		out = append(out,
-			check{"cold fill upstream GETs" + at, fmt.Sprint(c.UpstreamGETs), "1", c.UpstreamGETs == 1},
-			check{"cold fill slowest ÷ single" + at, fmt.Sprintf("%.2f", c.SlowestOverSingle), "≤ 1.25", c.SlowestOverSingle <= 1.25},
 			check{"cold fill first-byte spread" + at, fmt.Sprintf("%.0f ms", c.FirstByteSpreadMs), "≤ 100 ms", c.FirstByteSpreadMs <= 100},
 			check{"cold fill errors" + at, fmt.Sprint(c.Errors), "0", c.Errors == 0})
 	}
@@ -285,9 +300,17 @@ func checks(s, peer, ceil *result) []check {
 	}
 	if p := s.Push; p != nil {
 		out = append(out,
-			check{"push monolithic ÷ dd", fmt.Sprintf("%.2f", p.MonolithicOverDD), "≥ 0.8", p.MonolithicOverDD >= 0.8},
-			check{"push chunked ÷ dd", fmt.Sprintf("%.2f", p.ChunkedOverDD), "≥ 0.8", p.ChunkedOverDD >= 0.8},
-			check{fmt.Sprintf("%d concurrent pushes, errors", p.Pushers), fmt.Sprint(p.ConcurrentErrors), "0", p.ConcurrentErrors == 0})
+			check{"push monolithic ÷ dd", fmt.Sprintf("%.2f", p.MonolithicOverDD), "≥ 0.9", p.MonolithicOverDD >= 0.9},
+			check{"push chunked ÷ dd", fmt.Sprintf("%.2f", p.ChunkedOverDD), "≥ 0.9", p.ChunkedOverDD >= 0.9},
+			check{"push single POST ÷ dd", fmt.Sprintf("%.2f", p.SinglePOSTOverDD), "≥ 0.9", p.SinglePOSTOverDD >= 0.9},
+			check{fmt.Sprintf("%d concurrent pushes, errors", p.Pushers), fmt.Sprint(p.ConcurrentErrors + p.ConcurrentChunkedErrors), "0", p.ConcurrentErrors+p.ConcurrentChunkedErrors == 0})
+		if p.ConcurrentChunkedDiskMB > 0 {
+			// One copy of the blob, with room for the index and what
+			// else the disk wrote meanwhile.
+			mb := float64(p.PusherBytes) / 1e6
+			out = append(out, check{fmt.Sprintf("%d concurrent chunked pushes, disk written ÷ blob", p.Pushers),
+				fmt.Sprintf("%.2f", p.ConcurrentChunkedDiskMB/mb), "≤ 1.5", p.ConcurrentChunkedDiskMB/mb <= 1.5})
+		}
 		if peer != nil && peer.Push != nil && peer.Push.ConcurrentSeconds > 0 {
 			r := p.ConcurrentSeconds / peer.Push.ConcurrentSeconds
 			out = append(out, check{fmt.Sprintf("%d concurrent pushes, wall ÷ %s", p.Pushers, peer.Name), fmt.Sprintf("%.2f", r), "≤ 0.5", r <= 0.5})
