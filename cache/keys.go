@@ -392,14 +392,20 @@ func encodeUpload(u uploadState) ([]byte, error) {
 	if len(u.Repo) > 0xffff || len(u.temp) > 0xff {
 		return nil, fmt.Errorf("%w: an upload of a %d-byte repository name", errUnencodable, len(u.Repo))
 	}
-	v := make([]byte, 0, 19+len(u.Repo)+len(u.temp)+len(u.hash))
+	if len(u.boot) != 0 && len(u.boot) != bootIDLen {
+		return nil, fmt.Errorf("%w: a %d-byte boot id", errUnencodable, len(u.boot))
+	}
+	v := make([]byte, 0, 19+len(u.Repo)+len(u.temp)+len(u.hash)+len(u.boot))
 	v = binary.BigEndian.AppendUint64(v, uint64(u.Size))
 	v = binary.BigEndian.AppendUint64(v, uint64(u.StartedAt.UnixNano()))
 	v = binary.BigEndian.AppendUint16(v, uint16(len(u.Repo)))
 	v = append(v, u.Repo...)
 	v = append(v, byte(len(u.temp)))
 	v = append(v, u.temp...)
-	return append(v, u.hash...), nil
+	v = append(v, u.hash...)
+	// The boot id comes last, after a hash state of fixed length, so an
+	// upload stored by an older slipway (no boot id) still decodes.
+	return append(v, u.boot...), nil
 }
 
 func decodeUpload(id string, v []byte) (uploadState, error) {
@@ -421,6 +427,10 @@ func decodeUpload(id string, v []byte) (uploadState, error) {
 	if len(v) < n {
 		return uploadState{}, errCorruptValue
 	}
-	u.temp, u.hash = string(v[:n]), append([]byte(nil), v[n:]...)
+	u.temp, v = string(v[:n]), v[n:]
+	if len(v) == sha256StateLen+bootIDLen {
+		v, u.boot = v[:sha256StateLen], string(v[sha256StateLen:])
+	}
+	u.hash = append([]byte(nil), v...)
 	return u, nil
 }

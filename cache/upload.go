@@ -1,6 +1,7 @@
 package cache
 
 import (
+	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding"
@@ -9,8 +10,10 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -42,7 +45,35 @@ type uploadState struct {
 	Upload
 	temp string // file name under tmp/
 	hash []byte // sha256 state after Size bytes (encoding.BinaryMarshaler)
+	// boot is the id of the boot in which bytes were last written
+	// without an fsync, or empty if every byte of Size is synced. Chunks
+	// are not fsynced (OCI asks that of the final PUT only): a process
+	// that dies leaves them in the page cache, which is as good, but a
+	// machine that goes down may lose them, so an upload whose boot is
+	// not this one is checked against its hash state before it goes on.
+	boot string
 }
+
+// sha256StateLen is the length of a marshaled sha256 state.
+const sha256StateLen = 108
+
+// bootIDLen is the length of a boot id as stored: its 16 bytes.
+const bootIDLen = 16
+
+// bootID identifies this boot of the machine, or is empty where the
+// system does not say (then every chunk is fsynced). A variable so that
+// a test can reboot.
+var bootID = sync.OnceValue(func() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	id, err := hex.DecodeString(strings.ReplaceAll(strings.TrimSpace(string(b)), "-", ""))
+	if err != nil || len(id) != bootIDLen {
+		return ""
+	}
+	return string(id)
+})
 
 // uploadLock serializes the requests of one upload. Its key cannot collide
 // with a digest's.
@@ -107,7 +138,71 @@ func (s *Store) getUpload(id string) (uploadState, error) {
 // expired).
 func (s *Store) GetUpload(id string) (Upload, error) {
 	u, err := s.getUpload(id)
+	if err == nil && u.fromEarlierBoot() {
+		defer s.uploadLock(id)()
+		u, err = s.loadUpload(id)
+	}
 	return u.Upload, err
+}
+
+// fromEarlierBoot reports whether chunks were written unsynced before the
+// machine last booted.
+func (u uploadState) fromEarlierBoot() bool { return u.boot != "" && u.boot != bootID() }
+
+// loadUpload returns upload id's state, under its lock. An upload whose
+// unsynced chunks were written before the machine last booted is checked
+// first: if its file still hashes to its state, it is fsynced and the
+// upload goes on; if not, chunks were lost with the machine, and the upload is ended
+// (ErrNotFound: the client starts again).
+func (s *Store) loadUpload(id string) (uploadState, error) {
+	u, err := s.getUpload(id)
+	if err != nil || !u.fromEarlierBoot() {
+		return u, err
+	}
+	ok, err := s.uploadFileHolds(u)
+	if err != nil {
+		return uploadState{}, err
+	}
+	if !ok {
+		s.log.Warn("an upload lost chunks when the machine went down; the client must push again", "upload", u.ID, "repository", u.Repo, "bytes", u.Size)
+		os.Remove(filepath.Join(s.tmpDir(), u.temp))
+		if err := s.deleteUploadKey(u.ID); err != nil {
+			return uploadState{}, err
+		}
+		return uploadState{}, ErrNotFound
+	}
+	// The state stays as it is (its ttl with it): the next chunk
+	// records this boot, and a status check before it hashes again.
+	return u, nil
+}
+
+// uploadFileHolds reports whether the upload's file starts with Size
+// bytes that hash to its state (and fsyncs it if so).
+func (s *Store) uploadFileHolds(u uploadState) (bool, error) {
+	f, err := os.Open(filepath.Join(s.tmpDir(), u.temp))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("cache: open upload: %w", err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	n, err := io.Copy(h, io.LimitReader(f, u.Size))
+	if err != nil {
+		return false, fmt.Errorf("cache: read upload: %w", err)
+	}
+	state, err := h.(encoding.BinaryMarshaler).MarshalBinary()
+	if err != nil {
+		return false, err
+	}
+	if n != u.Size || !bytes.Equal(state, u.hash) {
+		return false, nil
+	}
+	if err := f.Sync(); err != nil {
+		return false, s.writeErr("fsync", err)
+	}
+	return true, nil
 }
 
 // AppendUpload appends r to upload id and renews its ttl. offset, unless
@@ -117,7 +212,7 @@ func (s *Store) GetUpload(id string) (Upload, error) {
 // leaves the upload as it was.
 func (s *Store) AppendUpload(id string, offset int64, r io.Reader, want int64, ttl time.Duration) (Upload, error) {
 	defer s.uploadLock(id)()
-	u, err := s.getUpload(id)
+	u, err := s.loadUpload(id)
 	if err != nil {
 		return Upload{}, err
 	}
@@ -127,10 +222,12 @@ func (s *Store) AppendUpload(id string, offset int64, r io.Reader, want int64, t
 	return u.Upload, nil
 }
 
-// appendLocked writes a chunk. With persist, the chunk is fsynced and the
-// new state stored, so that the upload resumes after a crash; a last
-// chunk, committed at once, skips both: the commit fsyncs the file if it
-// is the first copy of its blob and drops it, unsynced, if it is not.
+// appendLocked writes a chunk. With persist, the new state is stored, so
+// that the upload resumes after a restart; the chunk is not fsynced (where
+// the boot id is known: see uploadState.boot). A last chunk, committed at
+// once, is not stored either: the commit fsyncs the file if it is the
+// first copy of its blob and drops it, unsynced, if it is not, so a
+// duplicate of a stored blob costs no fsync.
 func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int64, ttl time.Duration, persist bool) error {
 	if offset >= 0 && offset != u.Size {
 		return fmt.Errorf("%w: chunk starts at %d, upload has %d bytes", ErrUploadOffset, offset, u.Size)
@@ -170,8 +267,10 @@ func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int
 	if want >= 0 && n != want {
 		return fmt.Errorf("%w: chunk has %d bytes, want %d", ErrSizeMismatch, n, want)
 	}
-	// The state says Size bytes are there: make it true across a crash.
-	if persist {
+	boot := bootID()
+	if persist && boot == "" {
+		// No boot id to tell a reboot by: the state says Size bytes
+		// are there, so make that true across a crash.
 		wb.stop()
 		if err := f.Sync(); err != nil {
 			return s.writeErr("fsync", err)
@@ -182,7 +281,7 @@ func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int
 		return err
 	}
 	next := *u
-	next.Size, next.hash = u.Size+n, state
+	next.Size, next.hash, next.boot = u.Size+n, state, boot
 	if persist {
 		if err := s.putUpload(next, ttl); err != nil {
 			return err
@@ -212,7 +311,7 @@ func restoreSHA256(state []byte) (hash.Hash, error) {
 // the PUT.
 func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d digest.Digest, origin Origin, ttl time.Duration) (BlobInfo, error) {
 	defer s.uploadLock(id)()
-	u, err := s.getUpload(id)
+	u, err := s.loadUpload(id)
 	if err != nil {
 		return BlobInfo{}, err
 	}
