@@ -142,7 +142,10 @@ func (s *Store) wrapWrite(f *os.File) io.Writer {
 	return f
 }
 
-func (s *Store) createTemp() (string, *os.File, error) {
+func (s *Store) createTemp() (string, *os.File, error) { return s.createTempPrefixed("") }
+
+// createTempPrefixed creates a temp file with a random name after prefix.
+func (s *Store) createTempPrefixed(prefix string) (string, *os.File, error) {
 	if err := s.checkRoom(); err != nil {
 		return "", nil, err
 	}
@@ -150,7 +153,7 @@ func (s *Store) createTemp() (string, *os.File, error) {
 	if _, err := rand.Read(b[:]); err != nil {
 		return "", nil, err
 	}
-	path := filepath.Join(s.tmpDir(), hex.EncodeToString(b[:]))
+	path := filepath.Join(s.tmpDir(), prefix+hex.EncodeToString(b[:]))
 	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o644)
 	if err != nil {
 		return "", nil, s.writeErr("create temp file", err)

@@ -28,9 +28,10 @@ import (
 // the prefix it had agreed with. The first push whose whole body hashes
 // to the digest commits the file; after that nobody writes to it.
 
-// declaredWrite is the shared temp file of one declared digest.
-type declaredWrite struct {
-	d    digest.Digest
+// sharedFile is a temp file that pushes of the same bytes write together:
+// each compares the bytes the file has with its own and appends the ones
+// past its end, so its first end bytes are every writer's still on it.
+type sharedFile struct {
 	f    *os.File
 	path string
 	out  io.Writer // f, with write-behind
@@ -39,9 +40,34 @@ type declaredWrite struct {
 	end atomic.Int64 // bytes in the file; grows under mu
 
 	mu     sync.Mutex
-	users  int  // pushes on it
 	done   bool // committed: the blob is stored, the file is frozen
 	broken bool // a write failed or wrong bytes were appended: no new push joins, nobody appends
+}
+
+// create creates e's temp file, with a name that starts with prefix.
+func (e *sharedFile) create(s *Store, prefix string) error {
+	path, f, err := s.createTempPrefixed(prefix)
+	if err != nil {
+		return err
+	}
+	e.f, e.path = f, path
+	e.out, e.wb = behind(s.wrapWrite(f), f, 0)
+	return nil
+}
+
+// close stops the file's write-behind, closes it and removes it (a
+// committed blob lives on in its own link).
+func (e *sharedFile) close() {
+	e.wb.stop()
+	e.f.Close()
+	os.Remove(e.path)
+}
+
+// declaredWrite is the shared temp file of one declared digest.
+type declaredWrite struct {
+	sharedFile
+	d     digest.Digest
+	users int // pushes on it (under mu)
 }
 
 type declaredWrites struct {
@@ -203,7 +229,7 @@ func (p *declaredPush) cancel() {
 // appends what lies past its end. agreed: the file's first off+len(chunk)
 // bytes are now the push's; false: they differ, or the file is frozen or
 // broken before the push could append (it must go on alone).
-func (e *declaredWrite) apply(off int64, chunk, cmp []byte) (agreed, appended bool, err error) {
+func (e *sharedFile) apply(off int64, chunk, cmp []byte) (agreed, appended bool, err error) {
 	n := int64(len(chunk))
 	if off+n <= e.end.Load() {
 		// Below end the file never changes: compare without the lock
@@ -232,7 +258,7 @@ func (e *declaredWrite) apply(off int64, chunk, cmp []byte) (agreed, appended bo
 }
 
 // same reports whether the file's bytes at off are chunk.
-func (e *declaredWrite) same(off int64, chunk, cmp []byte) bool {
+func (e *sharedFile) same(off int64, chunk, cmp []byte) bool {
 	got := cmp[:len(chunk)]
 	n, err := e.f.ReadAt(got, off)
 	return n == len(chunk) && (err == nil || err == io.EOF) && bytes.Equal(got, chunk)
@@ -310,12 +336,10 @@ func (s *Store) joinDeclared(d digest.Digest) (*declaredWrite, error) {
 	if _, err := s.StatBlob(d); err == nil {
 		return nil, errStoredNow
 	}
-	path, f, err := s.createTemp()
-	if err != nil {
+	e := &declaredWrite{d: d, users: 1}
+	if err := e.create(s, ""); err != nil {
 		return nil, err
 	}
-	out, wb := behind(s.wrapWrite(f), f, 0)
-	e := &declaredWrite{d: d, f: f, path: path, out: out, wb: wb, users: 1}
 	if s.declared.m == nil {
 		s.declared.m = map[digest.Digest]*declaredWrite{}
 	}
@@ -337,9 +361,7 @@ func (s *Store) leaveDeclared(e *declaredWrite) {
 	e.mu.Unlock()
 	s.declared.mu.Unlock()
 	if last {
-		e.wb.stop()
-		e.f.Close()
-		os.Remove(e.path)
+		e.close()
 	}
 }
 

@@ -70,7 +70,7 @@ func (s *Store) recover() (RecoverReport, error) {
 }
 
 func (s *Store) removeOrphanTemps() (int, error) {
-	live, err := s.uploadTemps()
+	live, _, err := s.uploadTemps()
 	if err != nil {
 		return 0, err
 	}

@@ -106,6 +106,7 @@ type Store struct {
 	life     lifecycle
 	hot      hotManifests   // manifests read last, in memory
 	declared declaredWrites // pushes of a declared digest in flight
+	chunks   chunkGroups    // chunked uploads sharing a file
 
 	shared    *tier.Client  // the fleet's shared tier; nil: alone
 	queueKick chan struct{} // asks the drain loop to send the queue now

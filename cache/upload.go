@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
 
 	"github.com/dgraph-io/badger/v4"
@@ -239,55 +238,51 @@ func (s *Store) appendLocked(u *uploadState, offset int64, r io.Reader, want int
 	if err != nil {
 		return err
 	}
-	f, err := os.OpenFile(filepath.Join(s.tmpDir(), u.temp), os.O_RDWR, 0)
+	next := *u
+	n, err := s.appendChunk(&next, r, h, persist)
+	if err == nil && want >= 0 && n != want {
+		err = fmt.Errorf("%w: chunk has %d bytes, want %d", ErrSizeMismatch, n, want)
+	}
+	boot := bootID()
+	if err == nil && persist && boot == "" {
+		// No boot id to tell a reboot by: the state says Size bytes
+		// are there, so make that true across a crash.
+		err = s.syncTemp(next.temp)
+	}
+	var state []byte
+	if err == nil {
+		state, err = h.(encoding.BinaryMarshaler).MarshalBinary()
+	}
+	next.Size, next.hash, next.boot = u.Size+n, state, boot
+	if err == nil && persist {
+		err = s.putUpload(next, ttl)
+	}
+	if err != nil {
+		// The upload stays as it was: a file the chunk moved it to is
+		// given up (its own file keeps bytes past Size, which the next
+		// chunk drops; a shared file keeps them for whoever agrees).
+		if next.temp != u.temp {
+			s.releaseTemp(u.ID, next.temp)
+		}
+		return err
+	}
+	if persist && next.temp != u.temp {
+		s.releaseTemp(u.ID, u.temp)
+	}
+	*u = next
+	return nil
+}
+
+// syncTemp fsyncs an upload's file.
+func (s *Store) syncTemp(temp string) error {
+	f, err := os.Open(filepath.Join(s.tmpDir(), temp))
 	if err != nil {
 		return fmt.Errorf("cache: open upload: %w", err)
 	}
 	defer f.Close()
-	// Bytes past Size are from a chunk that failed (or a crash): drop them.
-	if err := f.Truncate(u.Size); err != nil {
-		return fmt.Errorf("cache: %w", err)
+	if err := fsync(f); err != nil {
+		return s.writeErr("fsync", err)
 	}
-	if _, err := f.Seek(u.Size, io.SeekStart); err != nil {
-		return fmt.Errorf("cache: %w", err)
-	}
-	bufp := uploadBufs.Get().(*[]byte)
-	defer uploadBufs.Put(bufp)
-	out, wb := behind(s.wrapWrite(f), f, u.Size)
-	defer wb.stop()
-	n, err := io.CopyBuffer(io.MultiWriter(out, h), r, *bufp)
-	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
-		// The upload stays as it was (the next chunk truncates what
-		// this one left); the disk needs room first.
-		return s.writeErr("append upload", err)
-	}
-	if err != nil {
-		return err
-	}
-	if want >= 0 && n != want {
-		return fmt.Errorf("%w: chunk has %d bytes, want %d", ErrSizeMismatch, n, want)
-	}
-	boot := bootID()
-	if persist && boot == "" {
-		// No boot id to tell a reboot by: the state says Size bytes
-		// are there, so make that true across a crash.
-		wb.stop()
-		if err := f.Sync(); err != nil {
-			return s.writeErr("fsync", err)
-		}
-	}
-	state, err := h.(encoding.BinaryMarshaler).MarshalBinary()
-	if err != nil {
-		return err
-	}
-	next := *u
-	next.Size, next.hash, next.boot = u.Size+n, state, boot
-	if persist {
-		if err := s.putUpload(next, ttl); err != nil {
-			return err
-		}
-	}
-	*u = next
 	return nil
 }
 
@@ -330,6 +325,7 @@ func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d
 		}
 		return s.endUpload(u, d, err)
 	}
+	stored := u // as the upload's state has it
 	if r != nil && want != 0 {
 		if err := s.appendLocked(&u, offset, r, want, ttl, false); err != nil {
 			return BlobInfo{}, err
@@ -339,12 +335,18 @@ func (s *Store) FinishUpload(id string, offset int64, r io.Reader, want int64, d
 	}
 	err = s.commitUpload(u, d, origin)
 	if err == nil {
-		if err := s.toShared(d, origin); err != nil {
-			return BlobInfo{}, err
-		}
+		err = s.toShared(d, origin)
 	}
 	if err != nil && !endsUpload(err) {
+		// The upload stays as its state has it; a file the last chunk
+		// moved it to is given up.
+		if u.temp != stored.temp {
+			s.releaseTemp(u.ID, u.temp)
+		}
 		return BlobInfo{}, err
+	}
+	if u.temp != stored.temp {
+		s.releaseTemp(u.ID, stored.temp)
 	}
 	return s.endUpload(u, d, err)
 }
@@ -359,7 +361,7 @@ func endsUpload(err error) bool {
 // endUpload removes the upload's state and bytes after a commit that ended
 // it (commitErr: the commit's own error, returned).
 func (s *Store) endUpload(u uploadState, d digest.Digest, commitErr error) (BlobInfo, error) {
-	os.Remove(filepath.Join(s.tmpDir(), u.temp))
+	s.releaseTemp(u.ID, u.temp)
 	if err := s.deleteUploadKey(u.ID); err != nil && commitErr == nil {
 		return BlobInfo{}, err
 	}
@@ -382,6 +384,14 @@ func (s *Store) toShared(d digest.Digest, origin Origin) error {
 // commitUpload commits the upload's file as blob d. The file stays the
 // upload's: it is linked into place, so a commit that fails leaves it.
 func (s *Store) commitUpload(u uploadState, d digest.Digest, origin Origin) error {
+	if g := s.group(u.ID, u.temp); g != nil {
+		if err := s.commitGroup(u, g, d, origin); !errors.Is(err, errGoAlone) {
+			return err
+		}
+	}
+	if isSharedChunks(u.temp) {
+		return s.commitAlone(u, d, origin)
+	}
 	path := filepath.Join(s.tmpDir(), u.temp)
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if err != nil {
@@ -435,9 +445,12 @@ func (s *Store) DeleteUpload(id string) error {
 	if err != nil {
 		return err
 	}
-	if err := os.Remove(filepath.Join(s.tmpDir(), u.temp)); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("cache: %w", err)
+	if !isSharedChunks(u.temp) {
+		if err := os.Remove(filepath.Join(s.tmpDir(), u.temp)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("cache: %w", err)
+		}
 	}
+	s.releaseTemp(id, u.temp)
 	return s.deleteUploadKey(id)
 }
 
@@ -445,21 +458,23 @@ func (s *Store) deleteUploadKey(id string) error {
 	return s.ix.update(func(txn *badger.Txn) error { return txn.Delete(keyUpload(id)) })
 }
 
-// uploadTemps is the set of temp file names live uploads own.
-func (s *Store) uploadTemps() (map[string]bool, error) {
-	live := map[string]bool{}
-	err := s.ix.view(func(txn *badger.Txn) error {
+// uploadTemps is the set of temp file names live uploads own, and the set
+// of their ids.
+func (s *Store) uploadTemps() (temps, ids map[string]bool, err error) {
+	temps, ids = map[string]bool{}, map[string]bool{}
+	err = s.ix.view(func(txn *badger.Txn) error {
 		return each(txn, keyAll(prefixUpload), nil, true, func(item *badger.Item) error {
 			id := string(item.Key()[1:])
+			ids[id] = true
 			return item.Value(func(v []byte) error {
 				if u, err := decodeUpload(id, v); err == nil {
-					live[u.temp] = true
+					temps[u.temp] = true
 				}
 				return nil
 			})
 		})
 	})
-	return live, err
+	return temps, ids, err
 }
 
 // ReapUploads removes temp files that no live upload owns and that nobody
@@ -467,10 +482,19 @@ func (s *Store) uploadTemps() (map[string]bool, error) {
 // leftovers of a crash. Files being written (fills, pushes) are fresh, so
 // they stay. It returns how many files it removed.
 func (s *Store) ReapUploads(olderThan time.Duration) (int, error) {
-	live, err := s.uploadTemps()
+	live, ids, err := s.uploadTemps()
 	if err != nil {
 		return 0, err
 	}
+	// Uploads that expired leave the files they shared; a file still
+	// shared stays (an upload that just joined it names it only once
+	// its chunk is in).
+	s.pruneGroups(ids)
+	s.chunks.mu.Lock()
+	for name := range s.chunks.byName {
+		live[name] = true
+	}
+	s.chunks.mu.Unlock()
 	entries, err := os.ReadDir(s.tmpDir())
 	if err != nil {
 		return 0, fmt.Errorf("cache: %w", err)
