@@ -244,7 +244,8 @@ type check struct {
 	ok              bool
 }
 
-// checks are issue 7's targets, where the results to compare exist.
+// checks are the targets of issues 7 and 16, where the results to compare
+// exist.
 func checks(s, peer, ceil *result) []check {
 	var out []check
 	ratio := func(what string, a, b, min float64, want string) {
