@@ -127,6 +127,19 @@ func (s *Store) releaseTemp(id, temp string) {
 	}
 }
 
+// closeGroups closes the shared files at Close, and keeps them: the
+// uploads on them name them, and go on from them after a restart.
+func (s *Store) closeGroups() {
+	s.chunks.mu.Lock()
+	defer s.chunks.mu.Unlock()
+	for name, g := range s.chunks.byName {
+		g.wb.stop()
+		g.f.Close()
+		delete(s.chunks.byName, name)
+		delete(s.chunks.byKey, g.key)
+	}
+}
+
 // pruneGroups drops from the shared files the uploads whose state is gone
 // (expired), and closes the files nobody is on. live: the uploads' ids
 // when the caller looked; one missing from it is looked up again, since

@@ -203,3 +203,35 @@ func TestSharedChunksResumeAfterRestart(t *testing.T) {
 		t.Errorf("tmp/ still holds %v", left)
 	}
 }
+
+// Uploads whose state expired give up their place on a shared file: it
+// stays while an upload names it, and goes with the last.
+func TestExpiredUploadsLeaveTheirSharedFile(t *testing.T) {
+	s, dir := newStore(t)
+	b := testBytes(1<<20, 11)
+	var ids []string
+	for range 2 {
+		u, err := s.CreateUpload("app", time.Hour)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.AppendUpload(u.ID, 0, bytes.NewReader(b), int64(len(b)), time.Hour); err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, u.ID)
+	}
+	if left := tmpFiles(t, dir); len(left) != 1 || !isSharedChunks(left[0]) {
+		t.Fatalf("two uploads of the same bytes: tmp/ holds %v, want one shared file", left)
+	}
+	for i, id := range ids {
+		if err := s.deleteUploadKey(id); err != nil { // as its ttl does
+			t.Fatal(err)
+		}
+		if _, err := s.ReapUploads(0); err != nil {
+			t.Fatal(err)
+		}
+		if left := tmpFiles(t, dir); len(left) != 1-i {
+			t.Fatalf("%d of 2 uploads expired: tmp/ holds %v", i+1, left)
+		}
+	}
+}

@@ -213,6 +213,7 @@ func (s *Store) Close() error {
 			s.log.Warn("flush access times", "err", err)
 		}
 		s.closeErr = s.ix.db.Close()
+		s.closeGroups()
 	})
 	return s.closeErr
 }
