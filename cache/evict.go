@@ -213,14 +213,16 @@ func (s *Store) eachEvictable(pins map[digest.Digest]bool, fn func(candidate)) e
 		}
 		return eachWithAccess(txn, kindManifest, func(d digest.Digest, item *badger.Item, access int64) error {
 			var origin Origin
+			var size int64
 			if item.Value(func(v []byte) error {
 				var err error
 				origin, err = manifestOrigin(v)
+				size = manifestSize(v)
 				return err
 			}) != nil || (origin != OriginPulled && s.shared == nil) || pins[d] {
 				return nil
 			}
-			consider(candidate{d: d, k: kindManifest, size: manifestValueSize(item.ValueSize()), at: access})
+			consider(candidate{d: d, k: kindManifest, size: size, at: access})
 			return nil
 		})
 	})
