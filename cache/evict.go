@@ -286,7 +286,7 @@ func (s *Store) evictLocked(target int64, dryRun bool) (EvictReport, error) {
 		}
 		rm, err := s.collect(c.d, c.k, func(txn *badger.Txn, origin Origin, stored int64) (string, error) {
 			return s.keepForEviction(txn, c.d, c.k, origin, stored, c.at)
-		}, false)
+		}, true)
 		if err != nil {
 			return r, err
 		}
@@ -296,9 +296,6 @@ func (s *Store) evictLocked(target int64, dryRun bool) (EvictReport, error) {
 	}
 	r.Dur = time.Since(start)
 	if r.Blobs+r.Manifests > 0 && !dryRun {
-		s.life.evicted.Add(int64(r.Blobs))
-		s.life.evictedManifests.Add(int64(r.Manifests))
-		s.life.evictedBytes.Add(r.Bytes)
 		s.log.Info("evicted", "blobs", r.Blobs, "manifests", r.Manifests, "bytes", r.Bytes, "dur", r.Dur,
 			"size", s.life.total(), "target", target)
 	}

@@ -81,7 +81,7 @@ func (s *Store) GC(o GCOptions) (GCReport, error) {
 			}
 			rm, err := s.collect(c.d, k, func(txn *badger.Txn, _ Origin, stored int64) (string, error) {
 				return s.keepForGC(txn, c.d, k, stored, cutoff)
-			}, true)
+			}, false)
 			if err != nil {
 				return n, err
 			}

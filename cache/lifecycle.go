@@ -81,6 +81,16 @@ func (l *lifecycle) subManifest(n int64) {
 	l.mCount.Add(-1)
 }
 
+// noteEvicted counts an eviction.
+func (l *lifecycle) noteEvicted(r removed) {
+	if r.kind == kindBlob {
+		l.evicted.Add(1)
+	} else {
+		l.evictedManifests.Add(1)
+	}
+	l.evictedBytes.Add(r.bytes)
+}
+
 func (l *lifecycle) grew() {
 	if l.budgetHigh > 0 && l.total() > l.budgetHigh && l.onGrowth != nil {
 		l.onGrowth()
