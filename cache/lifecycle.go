@@ -48,12 +48,15 @@ type lifecycle struct {
 
 	kick chan struct{} // asks the maintenance loop for an eviction pass
 	pass sync.Mutex    // one eviction or GC pass at a time
+
+	planMax int // candidates one eviction plan holds (tests lower it)
 }
 
 func (l *lifecycle) init() {
 	l.pending = map[digest.Digest]int64{}
 	l.readers = map[digest.Digest][]*os.File{}
 	l.kick = make(chan struct{}, 1)
+	l.planMax = planMax
 }
 
 // total is what counts against the budget: blobs and manifests.
@@ -121,6 +124,14 @@ func (s *Store) pendingAccess(d digest.Digest) int64 {
 	s.life.mu.Lock()
 	defer s.life.mu.Unlock()
 	return max(s.life.pending[d], s.life.flushing[d])
+}
+
+// pendingAccessOf is pendingAccess of a digest as its key holds it (a
+// pass asks it for every index entry, without making a string of each).
+func (s *Store) pendingAccessOf(name []byte) int64 {
+	s.life.mu.Lock()
+	defer s.life.mu.Unlock()
+	return max(s.life.pending[digest.Digest(name)], s.life.flushing[digest.Digest(name)])
 }
 
 // flushHook, if set, runs in flushAccess between taking the pending
