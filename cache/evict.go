@@ -318,6 +318,9 @@ type EvictReport struct {
 	Manifests int           `json:"manifests"`
 	Bytes     int64         `json:"bytes"`
 	Dur       time.Duration `json:"duration_ns"`
+	// Planned is when the pass planned what it reports; zero when it had
+	// nothing to plan (see EvictPlan).
+	Planned time.Time `json:"planned_at,omitzero"`
 }
 
 // EvictToBudget runs an eviction pass if the blobs and manifests are past
@@ -325,7 +328,7 @@ type EvictReport struct {
 // a budget it does nothing. A pass already running (the maintenance loop
 // starts one when a write passes the high mark) is waited for first, so
 // that the store is within its budget when EvictToBudget returns, as far
-// as evictable content allows.
+// as evictable content allows. What it plans is what EvictPlan reports.
 func (s *Store) EvictToBudget() (EvictReport, error) {
 	if s.opt.MaxSize <= 0 {
 		return EvictReport{}, nil
@@ -335,7 +338,7 @@ func (s *Store) EvictToBudget() (EvictReport, error) {
 	if s.life.total() <= s.highMark() {
 		return EvictReport{}, nil
 	}
-	return s.evictLocked(s.lowMark(), false)
+	return s.evictLocked(s.lowMark(), false, true)
 }
 
 // Evict removes least recently used evictable blobs and manifests until
@@ -346,21 +349,35 @@ func (s *Store) EvictToBudget() (EvictReport, error) {
 func (s *Store) Evict(target int64, dryRun bool) (EvictReport, error) {
 	s.life.pass.Lock()
 	defer s.life.pass.Unlock()
-	return s.evictLocked(target, dryRun)
+	return s.evictLocked(target, dryRun, false)
 }
 
 // evictLocked plans and acts in rounds of at most planMax candidates
 // (one, unless the pass must remove more), each round after where the
-// last one's plan ended.
-func (s *Store) evictLocked(target int64, dryRun bool) (EvictReport, error) {
+// last one's plan ended. record: what it plans is the budget's plan, for
+// EvictPlan.
+func (s *Store) evictLocked(target int64, dryRun, record bool) (EvictReport, error) {
 	start := time.Now()
 	r := EvictReport{Before: s.life.total(), Target: target}
+	planned := EvictReport{Before: r.Before, Target: target}
 	need := r.Before - target
 	var after *candidate
 	for need > 0 {
 		plan, cut, err := s.planEviction(need, after)
 		if err != nil {
 			return r, err
+		}
+		if r.Planned.IsZero() {
+			r.Planned = s.now()
+			planned.Planned = r.Planned
+		}
+		for _, c := range plan {
+			planned.note(removed{kind: c.k, bytes: c.size})
+		}
+		if record {
+			planned.Dur = time.Since(start)
+			p := planned
+			s.life.plan.Store(&p)
 		}
 		for _, c := range plan {
 			if dryRun {
@@ -410,11 +427,21 @@ func (r *EvictReport) note(rm removed) {
 	r.Bytes += rm.bytes
 }
 
-// EvictPlan reports what the next eviction pass would do, removing
-// nothing: nothing while the store is under the high mark.
-func (s *Store) EvictPlan() (EvictReport, error) {
-	if s.opt.MaxSize <= 0 || s.life.total() <= s.highMark() {
-		return EvictReport{Before: s.life.total(), Target: s.lowMark()}, nil
+// EvictPlan reports what the next eviction pass would do. It reads no
+// index and waits for no pass, so stats can ask it as often as they like:
+// at or under the high mark, nothing; past it, what the last pass toward
+// the budget planned, and when (Planned). The maintenance loop starts that
+// pass as soon as a write crosses the high mark, and again every
+// MaintenanceInterval while the store stays past it, so the plan is the
+// pass running now or the one that ended last; before any pass planned,
+// nothing, with Planned zero.
+func (s *Store) EvictPlan() EvictReport {
+	now := EvictReport{Before: s.life.total(), Target: s.lowMark()}
+	if s.opt.MaxSize <= 0 || now.Before <= s.highMark() {
+		return now
 	}
-	return s.Evict(s.lowMark(), true)
+	if p := s.life.plan.Load(); p != nil {
+		return *p
+	}
+	return now
 }

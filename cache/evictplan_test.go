@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"encoding/json"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -101,5 +102,61 @@ func TestEvictionPlansInRoundsPastTheBound(t *testing.T) {
 		if want := i == 1 || i > 5; has(s, d) != want {
 			t.Errorf("blob %d (%s): stored %v, want %v", i, d.Algorithm(), !want, want)
 		}
+	}
+}
+
+// Stats ask what the next pass would do without reading the index or
+// waiting for a pass: nothing under the high mark; past it, what the last
+// pass toward the budget planned, and when.
+func TestEvictPlanIsTheLastBudgetPlanAndNeverWaits(t *testing.T) {
+	clk := &clock{now: time.Unix(1_700_000_000, 0)}
+	s := openLife(t, t.TempDir(), Options{Now: clk.Now, MaxSize: 10_000, LowWatermark: 0.5, HighWatermark: 0.9})
+	s.life.onGrowth = nil // passes run when the test asks
+	put(t, s, bytes.Repeat([]byte("P"), 9500), OriginPushed)
+	if p := s.EvictPlan(); p.Before != 9500 || p.Target != 5000 || p.Blobs != 0 || !p.Planned.IsZero() {
+		t.Errorf("under the high mark: %+v", p)
+	}
+	for i := range 3 {
+		clk.Add(time.Minute)
+		b, _ := blobOf(i, 200)
+		put(t, s, b, OriginPulled)
+	}
+	if p := s.EvictPlan(); p.Before != 10_100 || p.Blobs != 0 || !p.Planned.IsZero() {
+		t.Errorf("past the high mark, before any pass: %+v", p)
+	}
+	b, _ := json.Marshal(s.EvictPlan())
+	if bytes.Contains(b, []byte("planned_at")) {
+		t.Errorf("no plan yet, yet %s", b)
+	}
+
+	planned := clk.Now()
+	if r, err := s.EvictToBudget(); err != nil || r.Blobs != 3 {
+		t.Fatalf("pass: %+v %v", r, err)
+	}
+	clk.Add(time.Minute)
+	// Still past the high mark: pushed content stays.
+	p := s.EvictPlan()
+	if p.Before != 10_100 || p.Target != 5000 || p.Blobs != 3 || p.Bytes != 600 || !p.Planned.Equal(planned) {
+		t.Errorf("after a pass: %+v, want the plan of 3 blobs made at %s", p, planned)
+	}
+
+	s.life.pass.Lock() // a long pass
+	done := make(chan EvictReport)
+	go func() { done <- s.EvictPlan() }()
+	select {
+	case p := <-done:
+		if p.Blobs != 3 {
+			t.Errorf("during a pass: %+v", p)
+		}
+	case <-time.After(waitLong):
+		t.Error("EvictPlan waited for the pass")
+	}
+	s.life.pass.Unlock()
+
+	if r, err := s.EvictToBudget(); err != nil || r.Blobs != 0 {
+		t.Fatalf("a pass with nothing left to evict: %+v %v", r, err)
+	}
+	if p := s.EvictPlan(); p.Blobs != 0 || p.Before != 9500 || !p.Planned.Equal(clk.Now()) {
+		t.Errorf("after a pass that found nothing: %+v", p)
 	}
 }

@@ -49,7 +49,8 @@ type lifecycle struct {
 	kick chan struct{} // asks the maintenance loop for an eviction pass
 	pass sync.Mutex    // one eviction or GC pass at a time
 
-	planMax int // candidates one eviction plan holds (tests lower it)
+	planMax int                         // candidates one eviction plan holds (tests lower it)
+	plan    atomic.Pointer[EvictReport] // what the last pass toward the budget planned
 }
 
 func (l *lifecycle) init() {

@@ -20,7 +20,7 @@ import (
 // Benchmarks of the lifecycle at scale; not run in CI. The index size is
 // SLIPWAY_BENCH_ENTRIES (default 1,000,000):
 //
-//	go test -run '^$' -bench 'Eviction|Recovery' -benchtime 1x ./cache
+//	go test -run '^$' -bench 'Eviction|Recovery|Stats' -benchtime 1x ./cache
 func benchEntries() int {
 	if n, err := strconv.Atoi(os.Getenv("SLIPWAY_BENCH_ENTRIES")); err == nil && n > 0 {
 		return n
@@ -129,6 +129,35 @@ func BenchmarkEvictionPass(b *testing.B) {
 		}
 		b.ReportMetric(float64(peak)/(1<<20), "peak-heap-MiB")
 	}
+}
+
+// Stats as GET /v2/_slipway/stats serves them (the running totals and
+// what the next eviction pass would do) with n entries, the store past its
+// high mark and no pass running.
+func BenchmarkStats(b *testing.B) {
+	n := benchEntries()
+	s, err := Open(b.TempDir(), Options{MaxSize: int64(n) << 20, GCEvery: -1, MaintenanceInterval: time.Hour})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	fillIndex(b, s, n)
+	settle(b)
+	s.life.size.Store(int64(n) << 20)
+	s.life.count.Store(int64(n))
+	var st Stats
+	peak := peakHeap(func() {
+		b.ResetTimer() // the calls alone, not peakHeap's GC
+		for range b.N {
+			st = s.Stats()
+			s.EvictPlan()
+		}
+		b.StopTimer()
+	})
+	if st.Bytes <= st.HighWatermark {
+		b.Fatalf("%d bytes: not past the high mark", st.Bytes)
+	}
+	b.ReportMetric(float64(peak)/(1<<20), "peak-heap-MiB")
 }
 
 // Startup with n indexed blobs whose files are all there.
