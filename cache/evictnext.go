@@ -1,7 +1,7 @@
 package cache
 
 import (
-	"container/heap"
+	"math"
 	"time"
 
 	"github.com/opencontainers/go-digest"
@@ -34,20 +34,14 @@ func (s *Store) EvictNext(n int) ([]EvictCandidate, error) {
 	if err != nil {
 		return nil, err
 	}
-	var h newestFirst
-	err = s.eachEvictable(pins, func(c candidate) {
-		heap.Push(&h, c)
-		if h.Len() > n {
-			heap.Pop(&h)
-		}
-	})
-	if err != nil {
+	sel := selection{need: math.MaxInt64, max: n}
+	if err := s.eachEvictable(pins, sel.offer); err != nil {
 		return nil, err
 	}
-	sortOldestFirst(h)
-	out := make([]EvictCandidate, len(h))
-	for i, c := range h {
-		out[i] = EvictCandidate{Digest: c.d, Kind: c.k.String(), Size: c.size}
+	next := sel.oldestFirst()
+	out := make([]EvictCandidate, len(next))
+	for i, c := range next {
+		out[i] = EvictCandidate{Digest: c.digest(), Kind: c.k.String(), Size: c.size}
 		if c.at > 0 {
 			out[i].LastUse = time.Unix(0, c.at)
 		}

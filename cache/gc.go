@@ -81,7 +81,7 @@ func (s *Store) GC(o GCOptions) (GCReport, error) {
 			}
 			rm, err := s.collect(c.d, k, func(txn *badger.Txn, _ Origin, stored int64) (string, error) {
 				return s.keepForGC(txn, c.d, k, stored, cutoff)
-			}, true)
+			}, false)
 			if err != nil {
 				return n, err
 			}
@@ -169,8 +169,11 @@ func (s *Store) gcCandidates(k kind, cutoff int64) ([]gcCandidate, int, error) {
 				}); err != nil {
 					return nil // verify deals with unreadable entries
 				}
-			} else {
-				size = manifestValueSize(item.ValueSize())
+			} else if err := item.Value(func(v []byte) error {
+				size = manifestSize(v)
+				return nil
+			}); err != nil {
+				return err
 			}
 			why, err := s.keepForGC(txn, d, k, stored, cutoff)
 			if err != nil {

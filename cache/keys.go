@@ -312,10 +312,17 @@ func manifestOrigin(v []byte) (Origin, error) {
 	return Origin(v[0]), nil
 }
 
-// manifestValueSize is the byte count of the manifest a value of n bytes
-// holds, near enough for the running totals (badger reports sizes of
-// values in its value log approximately).
-func manifestValueSize(n int64) int64 { return max(n-3, 0) }
+// manifestSize is the byte count of the manifest a manifestValue holds,
+// read from its header: what the running totals count for it, when it is
+// stored, removed, planned for eviction or counted at startup (badger's
+// ValueSize would count the media type, and only estimates the size of a
+// value in its value log). An unreadable value counts 0.
+func manifestSize(v []byte) int64 {
+	if len(v) < 3 {
+		return 0
+	}
+	return max(int64(len(v)-3-int(binary.BigEndian.Uint16(v[1:3]))), 0)
+}
 
 // tagValue: FetchedAt, unix nanos (8) | digest.
 func encodeTag(t Tag) []byte {

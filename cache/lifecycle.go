@@ -48,12 +48,16 @@ type lifecycle struct {
 
 	kick chan struct{} // asks the maintenance loop for an eviction pass
 	pass sync.Mutex    // one eviction or GC pass at a time
+
+	planMax int                         // candidates one eviction plan holds (tests lower it)
+	plan    atomic.Pointer[EvictReport] // what the last pass toward the budget planned
 }
 
 func (l *lifecycle) init() {
 	l.pending = map[digest.Digest]int64{}
 	l.readers = map[digest.Digest][]*os.File{}
 	l.kick = make(chan struct{}, 1)
+	l.planMax = planMax
 }
 
 // total is what counts against the budget: blobs and manifests.
@@ -79,6 +83,16 @@ func (l *lifecycle) addManifest(n int64) {
 func (l *lifecycle) subManifest(n int64) {
 	l.mSize.Add(-n)
 	l.mCount.Add(-1)
+}
+
+// noteEvicted counts an eviction.
+func (l *lifecycle) noteEvicted(r removed) {
+	if r.kind == kindBlob {
+		l.evicted.Add(1)
+	} else {
+		l.evictedManifests.Add(1)
+	}
+	l.evictedBytes.Add(r.bytes)
 }
 
 func (l *lifecycle) grew() {
@@ -111,6 +125,14 @@ func (s *Store) pendingAccess(d digest.Digest) int64 {
 	s.life.mu.Lock()
 	defer s.life.mu.Unlock()
 	return max(s.life.pending[d], s.life.flushing[d])
+}
+
+// pendingAccessOf is pendingAccess of a digest as its key holds it (a
+// pass asks it for every index entry, without making a string of each).
+func (s *Store) pendingAccessOf(name []byte) int64 {
+	s.life.mu.Lock()
+	defer s.life.mu.Unlock()
+	return max(s.life.pending[digest.Digest(name)], s.life.flushing[digest.Digest(name)])
 }
 
 // flushHook, if set, runs in flushAccess between taking the pending

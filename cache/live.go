@@ -282,9 +282,11 @@ func (s *Store) finish(r removed) {
 }
 
 // collect removes d of kind k if decide, asked inside d's lock and the
-// removing transaction, lets it go. It reports what it removed (kind 0:
+// removing transaction, lets it go. evict: an eviction, which leaves the
+// links (a pull refills what a repository references) and counts as one;
+// else GC, which takes the links too. It reports what it removed (kind 0:
 // nothing).
-func (s *Store) collect(d digest.Digest, k kind, decide func(txn *badger.Txn, origin Origin, stored int64) (string, error), links bool) (removed, error) {
+func (s *Store) collect(d digest.Digest, k kind, decide func(txn *badger.Txn, origin Origin, stored int64) (string, error), evict bool) (removed, error) {
 	unlock := s.locks.Lock(string(d))
 	defer unlock()
 	var r removed
@@ -306,7 +308,7 @@ func (s *Store) collect(d digest.Digest, k kind, decide func(txn *badger.Txn, or
 			if why, err := decide(txn, info.Origin, info.StoredAt.UnixNano()); err != nil || why != "" {
 				return err
 			}
-			r, err = dropBlob(txn, info, links)
+			r, err = dropBlob(txn, info, !evict)
 			return err
 		default:
 			m, err := decodeManifest(d, v)
@@ -316,7 +318,7 @@ func (s *Store) collect(d digest.Digest, k kind, decide func(txn *badger.Txn, or
 			if why, err := decide(txn, m.Origin, 0); err != nil || why != "" {
 				return err
 			}
-			r, err = dropManifest(txn, m, links)
+			r, err = dropManifest(txn, m, !evict)
 			return err
 		}
 	})
@@ -324,6 +326,11 @@ func (s *Store) collect(d digest.Digest, k kind, decide func(txn *badger.Txn, or
 		return removed{}, fmt.Errorf("cache: remove %s %s: %w", k, d, err)
 	}
 	if r.kind != 0 {
+		if evict {
+			// Counted before the totals drop: whoever sees them lower
+			// sees the eviction too.
+			s.life.noteEvicted(r)
+		}
 		s.finish(r)
 	}
 	return r, nil

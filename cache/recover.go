@@ -274,13 +274,16 @@ func (s *Store) adopt(d digest.Digest) (int64, error) {
 }
 
 // countManifests adds up the stored manifests for the running totals,
-// reading only keys and value sizes.
+// reading each value's header (in place: values are inline, but for
+// manifests over a MiB).
 func (s *Store) countManifests(r *RecoverReport) error {
 	return s.ix.view(func(txn *badger.Txn) error {
 		return each(txn, keyAll(prefixManifest), nil, false, func(item *badger.Item) error {
 			r.Manifests++
-			r.ManifestBytes += manifestValueSize(item.ValueSize())
-			return nil
+			return item.Value(func(v []byte) error {
+				r.ManifestBytes += manifestSize(v)
+				return nil
+			})
 		})
 	})
 }
