@@ -2,7 +2,6 @@ package mirror
 
 import (
 	"io"
-	"mime"
 	"net/http"
 	"slices"
 	"strconv"
@@ -24,13 +23,18 @@ import (
 func accepts(r *http.Request) []string {
 	var out []string
 	for _, h := range r.Header.Values("Accept") {
-		for _, a := range strings.Split(h, ",") {
-			mt, _, err := mime.ParseMediaType(strings.TrimSpace(a))
-			if err != nil {
+		for h != "" {
+			var a string
+			a, h, _ = strings.Cut(h, ",")
+			mt, ok := upstream.MediaRange(a)
+			if !ok {
 				continue
 			}
 			for _, known := range upstream.AcceptedTypes {
-				if upstream.Acceptable(known, []string{mt}) && !slices.Contains(out, known) {
+				if upstream.Covers(mt, known) && !slices.Contains(out, known) {
+					if out == nil {
+						out = make([]string, 0, len(upstream.AcceptedTypes))
+					}
 					out = append(out, known)
 				}
 			}

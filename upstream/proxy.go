@@ -622,13 +622,48 @@ func Acceptable(mt string, accept []string) bool {
 		return true
 	}
 	for _, a := range accept {
-		r, _, err := mime.ParseMediaType(strings.TrimSpace(a))
-		if err != nil {
-			continue
-		}
-		if r == "*/*" || r == mt || (strings.HasSuffix(r, "/*") && strings.HasPrefix(mt, strings.TrimSuffix(r, "*"))) {
+		if r, ok := MediaRange(a); ok && Covers(r, mt) {
 			return true
 		}
 	}
 	return false
+}
+
+// Covers reports whether media range r, as MediaRange reads it, takes
+// media type mt.
+func Covers(r, mt string) bool {
+	return r == "*/*" || r == mt || (strings.HasSuffix(r, "/*") && strings.HasPrefix(mt, strings.TrimSuffix(r, "*")))
+}
+
+// MediaRange reads one Accept entry as mime.ParseMediaType does: the media
+// range lowercased, without its parameters; ok is false if the entry is
+// not one. What clients send, a plain lowercase "type/subtype", is
+// recognised without mime.ParseMediaType, which allocates a map of
+// parameters on every call: a warm pull by tag asks this a dozen times.
+func MediaRange(a string) (string, bool) {
+	a = strings.TrimSpace(a)
+	if plainMediaType(a) {
+		return a, true
+	}
+	r, _, err := mime.ParseMediaType(a)
+	return r, err == nil
+}
+
+// plainMediaType reports whether s is "type/subtype" in lowercase token
+// characters (RFC 2045), nothing else: mime.ParseMediaType would return it
+// as it is.
+func plainMediaType(s string) bool {
+	slash := -1
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '/':
+			if slash >= 0 {
+				return false
+			}
+			slash = i
+		case c <= ' ' || c >= 0x7f || ('A' <= c && c <= 'Z') || strings.IndexByte(`()<>@,;:\"[]?=`, c) >= 0:
+			return false
+		}
+	}
+	return slash > 0 && slash < len(s)-1
 }
