@@ -365,12 +365,17 @@ func (s *Store) GetTag(ns, repo, tag string) (Tag, error) {
 	return t, nil
 }
 
+// tagKey names a tag in memory (hotKeys) without building its index key.
+type tagKey struct{ ns, repo, tag string }
+
 func (s *Store) localTag(ns, repo, tag string) (Tag, error) {
-	v, err := s.ix.get(keyTag(ns, repo, tag))
-	if err != nil {
-		return Tag{}, err
-	}
-	return decodeTag(v)
+	return s.tags.get(tagKey{ns, repo, tag}, func() (Tag, error) {
+		v, err := s.ix.get(keyTag(ns, repo, tag))
+		if err != nil {
+			return Tag{}, err
+		}
+		return decodeTag(v)
+	})
 }
 
 // DeleteTag removes ns/repo:tag. A missing tag is ErrNotFound.
