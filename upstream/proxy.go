@@ -656,14 +656,19 @@ func plainMediaType(s string) bool {
 	slash := -1
 	for i := 0; i < len(s); i++ {
 		switch c := s[i]; {
-		case c == '/':
-			if slash >= 0 {
-				return false
-			}
+		case c == '/' && slash < 0:
 			slash = i
-		case c <= ' ' || c >= 0x7f || ('A' <= c && c <= 'Z') || strings.IndexByte(`()<>@,;:\"[]?=`, c) >= 0:
+		case !lowerTokenChar[c]:
 			return false
 		}
 	}
 	return slash > 0 && slash < len(s)-1
 }
+
+// lowerTokenChar marks RFC 2045's token characters but uppercase letters.
+var lowerTokenChar = func() (t [256]bool) {
+	for c := byte('!'); c <= '~'; c++ {
+		t[c] = strings.IndexByte(`()<>@,;:\"/[]?=`, c) < 0 && (c < 'A' || c > 'Z')
+	}
+	return t
+}()
