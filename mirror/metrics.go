@@ -67,7 +67,7 @@ func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs 
 	return m
 }
 
-// observe records one answered request; logRequests calls it.
+// observe records one answered request; logRequest calls it.
 func (m *metrics) observe(c echo.Context, routeName string, src upstream.Source, hasSrc bool) {
 	req := c.Request()
 	status := c.Response().Status

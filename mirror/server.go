@@ -140,11 +140,10 @@ func (s *Server) NoteReload(err error) { s.metrics.noteReload(err) }
 // Keys of values handlers leave in echo.Context for the log line and the
 // error handler.
 const (
-	ctxRoute     = "slipway.route"
-	ctxError     = "slipway.error"
-	ctxSource    = "slipway.source"
-	ctxRequestID = "slipway.request_id"
-	ctxTarget    = "slipway.target" // where the name resolved to, for the log
+	ctxRoute  = "slipway.route"
+	ctxError  = "slipway.error"
+	ctxSource = "slipway.source"
+	ctxTarget = "slipway.target" // where the name resolved to, for the log
 )
 
 // New builds the server.
@@ -165,7 +164,7 @@ func New(cfg Config) (*Server, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.handleError
-	e.Use(s.recoverPanics, s.logRequests, apiVersion, s.authenticate)
+	e.Use(s.front)
 	e.GET("/healthz", s.getHealthz)
 	e.GET("/readyz", s.getReadyz)
 	e.GET("/metrics", echo.WrapHandler(s.metrics.handler()))
@@ -360,93 +359,114 @@ func (s *Server) targetOf(u *Upstream, repo string) (target, error) {
 	return target{up: u, repo: repo}, nil
 }
 
-func apiVersion(next echo.HandlerFunc) echo.HandlerFunc {
-	return func(c echo.Context) error {
-		c.Response().Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-		return next(c)
-	}
-}
-
-// recoverPanics turns a handler panic into a 500 OCI error instead of a
-// dropped connection. http.ErrAbortHandler passes through: it is how a
-// handler cuts a connection on purpose.
-func (s *Server) recoverPanics(next echo.HandlerFunc) echo.HandlerFunc {
+// front is the middleware of every route. Echo builds the chain anew for
+// each request, so it is one closure rather than one per step: a panic
+// becomes a 500 (recoverPanic), then logRequest serves the request through
+// serveAPI (the API version header, authentication) and writes its log
+// line and metrics.
+func (s *Server) front(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) (err error) {
-		defer func() {
-			if p := recover(); p != nil {
-				if p == http.ErrAbortHandler {
-					panic(p)
-				}
-				err = fmt.Errorf("panic: %v", p)
-			}
-		}()
-		return next(c)
-	}
-}
-
-// logRequests writes one line per request.
-func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
-	return func(c echo.Context) error {
-		start := time.Now()
-		id := c.Request().Header.Get(echo.HeaderXRequestID)
-		if id == "" || len(id) > 64 {
-			var b [8]byte
-			rand.Read(b[:])
-			id = hex.EncodeToString(b[:])
-		}
-		c.Set(ctxRequestID, id)
-		c.Response().Header().Set(echo.HeaderXRequestID, id)
-		aborted := true
-		defer func() {
-			if !aborted {
-				return
-			}
-			// A handler cut the connection (http.ErrAbortHandler).
-			s.log.Warn("request aborted", "request_id", id, "method", c.Request().Method,
-				"path", c.Request().URL.Path, "bytes", c.Response().Size, "dur", time.Since(start))
-		}()
-		err := next(c)
-		if err != nil {
-			c.Error(err)
-		}
-		aborted = false
-		rl := routeLabel(c)
-		attrs := []any{"request_id", id, "method", c.Request().Method, "path", c.Request().URL.Path}
-		if q := c.Request().URL.RawQuery; q != "" {
-			attrs = append(attrs, "query", q[:min(len(q), 256)])
-		}
-		attrs = append(attrs, "route", rl, "status", c.Response().Status, "bytes", c.Response().Size, "dur", time.Since(start))
-		if t, ok := c.Get(ctxTarget).(target); ok {
-			up := "local"
-			if !t.local {
-				up = t.up.Proxy.Upstream().Host()
-			}
-			attrs = append(attrs, "upstream", up, "repo", t.repo)
-		}
-		src, hasSrc := c.Get(ctxSource).(upstream.Source)
-		if hasSrc {
-			attrs = append(attrs, "cache", string(src))
-		}
-		if u, ok := c.Get(ctxUser).(string); ok {
-			attrs = append(attrs, "user", u)
-		}
-		s.metrics.observe(c, rl, src, hasSrc)
-		s.counters.observe(c, rl, src, hasSrc)
-		s.metrics.observeDuration(c, rl, src, hasSrc, time.Since(start))
-		level := slog.LevelInfo
-		if quiet := c.Request().URL.Path; (publicPaths[quiet] || uiPolled(quiet)) && c.Response().Status == http.StatusOK {
-			level = slog.LevelDebug // probes, scrapes and status pages, every few seconds
-		}
-		if e, ok := c.Get(ctxError).(error); ok {
-			attrs = append(attrs, "err", e.Error())
-			switch status := c.Response().Status; {
-			case status >= 500:
-				level = slog.LevelError
-			case status == http.StatusRequestTimeout:
-				level = slog.LevelWarn // a client that stalled: worth seeing, not an alarm
-			}
-		}
-		s.log.Log(c.Request().Context(), level, "request", attrs...)
+		defer recoverPanic(&err)
+		s.logRequest(c, next)
 		return nil
 	}
+}
+
+// recoverPanic, deferred, turns a handler panic into a 500 OCI error (in
+// *err) instead of a dropped connection. http.ErrAbortHandler passes
+// through: it is how a handler cuts a connection on purpose.
+func recoverPanic(err *error) {
+	if p := recover(); p != nil {
+		if p == http.ErrAbortHandler {
+			panic(p)
+		}
+		*err = fmt.Errorf("panic: %v", p)
+	}
+}
+
+// apiVersion is the header every answer carries. Its value is shared by
+// every response: net/http copies the header map when it writes it, and
+// nothing appends to it in place (its capacity is its length).
+var apiVersion = []string{"registry/2.0"}
+
+// serveAPI sets the API version header, authenticates, and serves.
+func (s *Server) serveAPI(c echo.Context, next echo.HandlerFunc) error {
+	c.Response().Header()["Docker-Distribution-Api-Version"] = apiVersion
+	if err := s.authenticate(c); err != nil {
+		return err
+	}
+	return next(c)
+}
+
+// logRequest serves a request, answers its error, counts it in the metrics
+// and writes one line for it: the line's attributes are built only if its
+// level is logged.
+func (s *Server) logRequest(c echo.Context, next echo.HandlerFunc) {
+	start := time.Now()
+	req := c.Request()
+	id := req.Header.Get(echo.HeaderXRequestID)
+	if id == "" || len(id) > 64 {
+		var b [8]byte
+		rand.Read(b[:])
+		id = hex.EncodeToString(b[:])
+	}
+	c.Response().Header().Set(echo.HeaderXRequestID, id)
+	aborted := true
+	defer func() {
+		if !aborted {
+			return
+		}
+		// A handler cut the connection (http.ErrAbortHandler).
+		s.log.Warn("request aborted", "request_id", id, "method", req.Method,
+			"path", req.URL.Path, "bytes", c.Response().Size, "dur", time.Since(start))
+	}()
+	if err := s.serveAPI(c, next); err != nil {
+		c.Error(err)
+	}
+	aborted = false
+	dur := time.Since(start)
+	rl := routeLabel(c)
+	src, hasSrc := c.Get(ctxSource).(upstream.Source)
+	s.metrics.observe(c, rl, src, hasSrc)
+	s.counters.observe(c, rl, src, hasSrc)
+	s.metrics.observeDuration(c, rl, src, hasSrc, dur)
+	status := c.Response().Status
+	level := slog.LevelInfo
+	if quiet := req.URL.Path; (publicPaths[quiet] || uiPolled(quiet)) && status == http.StatusOK {
+		level = slog.LevelDebug // probes, scrapes and status pages, every few seconds
+	}
+	reqErr, hasErr := c.Get(ctxError).(error)
+	if hasErr {
+		switch {
+		case status >= 500:
+			level = slog.LevelError
+		case status == http.StatusRequestTimeout:
+			level = slog.LevelWarn // a client that stalled: worth seeing, not an alarm
+		}
+	}
+	if !s.log.Enabled(req.Context(), level) {
+		return
+	}
+	attrs := []any{"request_id", id, "method", req.Method, "path", req.URL.Path}
+	if q := req.URL.RawQuery; q != "" {
+		attrs = append(attrs, "query", q[:min(len(q), 256)])
+	}
+	attrs = append(attrs, "route", rl, "status", status, "bytes", c.Response().Size, "dur", dur)
+	if t, ok := c.Get(ctxTarget).(target); ok {
+		up := "local"
+		if !t.local {
+			up = t.up.Proxy.Upstream().Host()
+		}
+		attrs = append(attrs, "upstream", up, "repo", t.repo)
+	}
+	if hasSrc {
+		attrs = append(attrs, "cache", string(src))
+	}
+	if u, ok := c.Get(ctxUser).(string); ok {
+		attrs = append(attrs, "user", u)
+	}
+	if hasErr {
+		attrs = append(attrs, "err", reqErr.Error())
+	}
+	s.log.Log(req.Context(), level, "request", attrs...)
 }

@@ -68,7 +68,7 @@ type fillStatus struct {
 }
 
 // statusCounters are the status page's in-process counters, fed by
-// logRequests with every answered request.
+// logRequest with every answered request.
 type statusCounters struct {
 	hits hitWindow
 

@@ -57,7 +57,7 @@ func (o *Observer) ObserveUpstreamRequest(r upstream.RequestReport) {
 	o.upstreamDuration.WithLabelValues(r.Upstream).Observe(r.Duration.Seconds())
 }
 
-// observeDuration records how long one answered request took; logRequests
+// observeDuration records how long one answered request took; logRequest
 // calls it. Every label is bounded: the route kind, the method as
 // methodLabel gives it, and the cache result (a Source, "local" for a
 // pushed repository, or "none").
