@@ -221,7 +221,7 @@ func (s *Server) putManifest(c echo.Context, r route) error {
 	}
 	tags := c.QueryParams()["tag"]
 	for _, t := range tags {
-		if !tagRe.MatchString(t) {
+		if !validTag(t) {
 			return errTagInvalid
 		}
 	}
