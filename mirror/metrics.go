@@ -204,5 +204,20 @@ func routeLabel(c echo.Context) string {
 // reads it to report what was already cached).
 func setSource(c echo.Context, src upstream.Source) {
 	c.Set(ctxSource, src)
-	c.Response().Header().Set("X-Slipway-Cache", string(src))
+	v, ok := sourceHeaders[src]
+	if !ok {
+		v = []string{string(src)}
+	}
+	c.Response().Header()["X-Slipway-Cache"] = v
 }
+
+// sourceHeaders are X-Slipway-Cache's values, one slice for every response
+// (their capacity is their length: an Add copies).
+var sourceHeaders = func() map[upstream.Source][]string {
+	m := map[upstream.Source][]string{}
+	for _, src := range []upstream.Source{upstream.SourceHit, upstream.SourceRevalidated, upstream.SourceStale,
+		upstream.SourceMiss, upstream.SourceJoined, upstream.SourceUpstream, sourceLocal} {
+		m[src] = []string{string(src)}
+	}
+	return m
+}()

@@ -73,16 +73,25 @@ func writeManifest(c echo.Context, m cache.Manifest) error {
 	return c.Blob(http.StatusOK, m.MediaType, m.Bytes)
 }
 
+// setDescriptorHeaders sets the headers that describe content: its media
+// type, length, digest and ETag (each only if known). The values share one
+// array, as http.Header.Clone makes them: each slice's capacity is its
+// length, so an Add to one copies it rather than writing over the next.
 func setDescriptorHeaders(h http.Header, d digest.Digest, size int64, mediaType string) {
+	vals := make([]string, 0, 4)
+	set := func(canonicalKey, v string) {
+		vals = append(vals, v)
+		h[canonicalKey] = vals[len(vals)-1 : len(vals) : len(vals)]
+	}
 	if mediaType != "" {
-		h.Set(echo.HeaderContentType, mediaType)
+		set("Content-Type", mediaType)
 	}
 	if size >= 0 {
-		h.Set(echo.HeaderContentLength, strconv.FormatInt(size, 10))
+		set("Content-Length", strconv.FormatInt(size, 10))
 	}
 	if d != "" {
-		h.Set("Docker-Content-Digest", string(d))
-		h.Set("ETag", etag(d))
+		set("Docker-Content-Digest", string(d))
+		set("Etag", etag(d))
 	}
 }
 

@@ -284,7 +284,7 @@ type target struct {
 // pass its upstream's pull-through policy, whatever spelling of the name
 // brought it here. Where it went is noted for the request's log line.
 func (s *Server) resolve(c echo.Context, r route) (target, error) {
-	t, err := s.resolveNS(c.QueryParam("ns"), r.name)
+	t, err := s.resolveNS(nsParam(c), r.name)
 	if err != nil {
 		return t, err
 	}
@@ -294,6 +294,15 @@ func (s *Server) resolve(c echo.Context, r route) (target, error) {
 		tag = r.ref
 	}
 	return t, s.permit(t, tag)
+}
+
+// nsParam is the request's ?ns=, "" without one. A request with no query
+// has none: echo's QueryParam would parse the empty query into a map.
+func nsParam(c echo.Context) string {
+	if c.Request().URL.RawQuery == "" {
+		return ""
+	}
+	return c.QueryParam("ns")
 }
 
 // permit applies t's pull-through policy: to repo:tag, or with tag empty

@@ -642,7 +642,7 @@ func Covers(r, mt string) bool {
 // parameters on every call: a warm pull by tag asks this a dozen times.
 func MediaRange(a string) (string, bool) {
 	a = strings.TrimSpace(a)
-	if plainMediaType(a) {
+	if slices.Contains(AcceptedTypes, a) || plainMediaType(a) {
 		return a, true
 	}
 	r, _, err := mime.ParseMediaType(a)
