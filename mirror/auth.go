@@ -171,9 +171,6 @@ var errAuthFailed = &ociError{code: codeUnauthorized, message: "wrong user name 
 // Everything else is checked, whatever its shape (default deny).
 var publicPaths = map[string]bool{"/healthz": true, "/readyz": true, "/metrics": true}
 
-// ctxUser is the authenticated user's name in echo.Context.
-const ctxUser = "slipway.user"
-
 // authenticate checks a request to /v2/ (nil: serve it): credentials, if
 // sent, must be right; /v2/ itself always asks for them (so docker login
 // checks the password); reads without credentials pass if anonymous pulls
@@ -191,7 +188,8 @@ func (s *Server) authenticate(c echo.Context) error {
 		if !a.check(user, pass) {
 			return errAuthFailed
 		}
-		c.Set(ctxUser, user)
+		rq := requestOf(c)
+		rq.user, rq.hasUser = user, true
 	}
 	base := req.URL.Path == "/v2" || req.URL.Path == "/v2/"
 	write := !base && req.Method != http.MethodGet && req.Method != http.MethodHead &&

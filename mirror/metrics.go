@@ -68,7 +68,8 @@ func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs 
 }
 
 // observe records one answered request; logRequest calls it.
-func (m *metrics) observe(c echo.Context, routeName string, src upstream.Source, hasSrc bool) {
+func (m *metrics) observe(c echo.Context, rq *request, routeName string) {
+	src, hasSrc := rq.src, rq.hasSrc
 	req := c.Request()
 	status := c.Response().Status
 	m.requests.WithLabelValues(routeName, methodLabel(req.Method), strconv.Itoa(status)).Inc()
@@ -181,9 +182,9 @@ func (sc *scrapeCollector) Collect(ch chan<- prometheus.Metric) {
 
 // routeLabel names a request's route for metrics and logs: the /v2/ route
 // kind, or the echo path of the other endpoints.
-func routeLabel(c echo.Context) string {
-	if r, ok := c.Get(ctxRoute).(route); ok {
-		return r.kind.String()
+func routeLabel(c echo.Context, rq *request) string {
+	if rq.hasRoute {
+		return rq.route.kind.String()
 	}
 	p := c.Path()
 	switch {
@@ -203,7 +204,8 @@ func routeLabel(c echo.Context) string {
 // and metrics, and tells the client in X-Slipway-Cache (slipway prefetch
 // reads it to report what was already cached).
 func setSource(c echo.Context, src upstream.Source) {
-	c.Set(ctxSource, src)
+	rq := requestOf(c)
+	rq.src, rq.hasSrc = src, true
 	v, ok := sourceHeaders[src]
 	if !ok {
 		v = []string{string(src)}

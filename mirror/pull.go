@@ -230,7 +230,7 @@ func streamBlob(c echo.Context, d digest.Digest, r io.Reader, size int64) error 
 	// so bytes leave as they arrive, copied by the kernel.
 	_, err := io.Copy(sendfileWriter{c.Response()}, r)
 	if err != nil {
-		c.Set(ctxError, err)
+		requestOf(c).err = err
 		panic(http.ErrAbortHandler)
 	}
 	return nil

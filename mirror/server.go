@@ -137,14 +137,35 @@ func (s *Server) Reload(ups []Upstream, def int, auth *Auth) error {
 // for slipway_config_reloads_total and the last-reload gauges.
 func (s *Server) NoteReload(err error) { s.metrics.noteReload(err) }
 
-// Keys of values handlers leave in echo.Context for the log line and the
-// error handler.
-const (
-	ctxRoute  = "slipway.route"
-	ctxError  = "slipway.error"
-	ctxSource = "slipway.source"
-	ctxTarget = "slipway.target" // where the name resolved to, for the log
-)
+// request is what the handlers of one request leave for its log line, its
+// metrics and the error handler. It is one value in echo.Context, put
+// there by logRequest: a value per key cost an allocation and a map
+// insert each.
+type request struct {
+	route     route
+	hasRoute  bool
+	target    target // where the name resolved to, for the log
+	hasTarget bool
+	src       upstream.Source // how a proxied request was answered
+	hasSrc    bool
+	user      string // who authenticated
+	hasUser   bool
+	err       error // what the error handler answered, or why a response was cut
+}
+
+// ctxRequest is the key of the request in echo.Context.
+const ctxRequest = "slipway.request"
+
+// requestOf is c's request: the one logRequest made, or a new one for a
+// context that did not come through it.
+func requestOf(c echo.Context) *request {
+	if rq, ok := c.Get(ctxRequest).(*request); ok {
+		return rq
+	}
+	rq := &request{}
+	c.Set(ctxRequest, rq)
+	return rq
+}
 
 // New builds the server.
 func New(cfg Config) (*Server, error) {
@@ -203,7 +224,8 @@ func (s *Server) dispatch(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	c.Set(ctxRoute, r)
+	rq := requestOf(c)
+	rq.route, rq.hasRoute = r, true
 	m := c.Request().Method
 	if b := c.Request().Body; b != nil && b != http.NoBody {
 		c.Request().Body = bodyReader{b}
@@ -288,7 +310,8 @@ func (s *Server) resolve(c echo.Context, r route) (target, error) {
 	if err != nil {
 		return t, err
 	}
-	c.Set(ctxTarget, t)
+	rq := requestOf(c)
+	rq.target, rq.hasTarget = t, true
 	tag := ""
 	if r.kind == routeManifest && r.digest == "" {
 		tag = r.ref
@@ -412,6 +435,8 @@ func (s *Server) serveAPI(c echo.Context, next echo.HandlerFunc) error {
 // level is logged.
 func (s *Server) logRequest(c echo.Context, next echo.HandlerFunc) {
 	start := time.Now()
+	rq := &request{}
+	c.Set(ctxRequest, rq)
 	req := c.Request()
 	id := req.Header.Get(echo.HeaderXRequestID)
 	if id == "" || len(id) > 64 {
@@ -434,18 +459,16 @@ func (s *Server) logRequest(c echo.Context, next echo.HandlerFunc) {
 	}
 	aborted = false
 	dur := time.Since(start)
-	rl := routeLabel(c)
-	src, hasSrc := c.Get(ctxSource).(upstream.Source)
-	s.metrics.observe(c, rl, src, hasSrc)
-	s.counters.observe(c, rl, src, hasSrc)
-	s.metrics.observeDuration(c, rl, src, hasSrc, dur)
+	rl := routeLabel(c, rq)
+	s.metrics.observe(c, rq, rl)
+	s.counters.observe(rq, rl)
+	s.metrics.observeDuration(c, rq, rl, dur)
 	status := c.Response().Status
 	level := slog.LevelInfo
 	if quiet := req.URL.Path; (publicPaths[quiet] || uiPolled(quiet)) && status == http.StatusOK {
 		level = slog.LevelDebug // probes, scrapes and status pages, every few seconds
 	}
-	reqErr, hasErr := c.Get(ctxError).(error)
-	if hasErr {
+	if rq.err != nil {
 		switch {
 		case status >= 500:
 			level = slog.LevelError
@@ -461,21 +484,21 @@ func (s *Server) logRequest(c echo.Context, next echo.HandlerFunc) {
 		attrs = append(attrs, "query", q[:min(len(q), 256)])
 	}
 	attrs = append(attrs, "route", rl, "status", status, "bytes", c.Response().Size, "dur", dur)
-	if t, ok := c.Get(ctxTarget).(target); ok {
+	if t := rq.target; rq.hasTarget {
 		up := "local"
 		if !t.local {
 			up = t.up.Proxy.Upstream().Host()
 		}
 		attrs = append(attrs, "upstream", up, "repo", t.repo)
 	}
-	if hasSrc {
-		attrs = append(attrs, "cache", string(src))
+	if rq.hasSrc {
+		attrs = append(attrs, "cache", string(rq.src))
 	}
-	if u, ok := c.Get(ctxUser).(string); ok {
-		attrs = append(attrs, "user", u)
+	if rq.hasUser {
+		attrs = append(attrs, "user", rq.user)
 	}
-	if hasErr {
-		attrs = append(attrs, "err", reqErr.Error())
+	if rq.err != nil {
+		attrs = append(attrs, "err", rq.err.Error())
 	}
 	s.log.Log(req.Context(), level, "request", attrs...)
 }

@@ -61,11 +61,11 @@ func (o *Observer) ObserveUpstreamRequest(r upstream.RequestReport) {
 // calls it. Every label is bounded: the route kind, the method as
 // methodLabel gives it, and the cache result (a Source, "local" for a
 // pushed repository, or "none").
-func (m *metrics) observeDuration(c echo.Context, routeName string, src upstream.Source, hasSrc bool, d time.Duration) {
+func (m *metrics) observeDuration(c echo.Context, rq *request, routeName string, d time.Duration) {
 	result := "none"
-	if hasSrc {
-		result = string(src)
-	} else if t, ok := c.Get(ctxTarget).(target); ok && t.local {
+	if rq.hasSrc {
+		result = string(rq.src)
+	} else if rq.hasTarget && rq.target.local {
 		result = "local"
 	}
 	m.duration.WithLabelValues(routeName, methodLabel(c.Request().Method), result).Observe(d.Seconds())
