@@ -4,6 +4,8 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
+	"time"
 
 	"github.com/labstack/echo/v4"
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,6 +41,53 @@ type metrics struct {
 	reloads  *prometheus.CounterVec // result
 	reloadOK prometheus.Gauge
 	reloadAt prometheus.Gauge
+
+	// The series answered requests count in, by what labels them, found
+	// once: WithLabelValues hashes and compares every label value on each
+	// call, four calls a request. Each is made when the first request of
+	// its kind is counted, as WithLabelValues would make it, so the keys
+	// are bounded as the series are.
+	series  sync.Map // seriesKey -> *series
+	byBytes sync.Map // source label -> prometheus.Counter
+}
+
+// seriesKey is what decides an answered request's series.
+type seriesKey struct {
+	route, method string // the route label, methodLabel
+	status        int
+	src           upstream.Source
+	hasSrc, local bool // local: a local repository answered without a source
+}
+
+type series struct {
+	requests prometheus.Counter
+	duration prometheus.Observer
+	results  prometheus.Counter // nil: not a manifest or blob answer with a source
+}
+
+// seriesOf returns the series of the request rq (on route routeName).
+func (m *metrics) seriesOf(c echo.Context, rq *request, routeName string) *series {
+	k := seriesKey{route: routeName, method: methodLabel(c.Request().Method), status: c.Response().Status,
+		src: rq.src, hasSrc: rq.hasSrc, local: !rq.hasSrc && rq.hasTarget && rq.target.local}
+	if s, ok := m.series.Load(k); ok {
+		return s.(*series)
+	}
+	result := "none"
+	switch {
+	case k.hasSrc:
+		result = string(k.src)
+	case k.local:
+		result = "local"
+	}
+	s := &series{
+		requests: m.requests.WithLabelValues(k.route, k.method, strconv.Itoa(k.status)),
+		duration: m.duration.WithLabelValues(k.route, k.method, result),
+	}
+	if k.hasSrc && (k.route == "manifest" || k.route == "blob") {
+		s.results = m.results.WithLabelValues(k.route, string(k.src))
+	}
+	v, _ := m.series.LoadOrStore(k, s)
+	return v.(*series)
 }
 
 func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs *Observer) *metrics {
@@ -67,17 +116,22 @@ func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs 
 	return m
 }
 
-// observe records one answered request; logRequest calls it.
-func (m *metrics) observe(c echo.Context, rq *request, routeName string) {
+// observe records one answered request, which took d; logRequest calls
+// it. Every label is bounded: the route kind, the method as methodLabel
+// gives it, the status, and the cache result (a Source, "local" for a
+// pushed repository, or "none").
+func (m *metrics) observe(c echo.Context, rq *request, routeName string, d time.Duration) {
 	src, hasSrc := rq.src, rq.hasSrc
 	req := c.Request()
 	status := c.Response().Status
-	m.requests.WithLabelValues(routeName, methodLabel(req.Method), strconv.Itoa(status)).Inc()
+	s := m.seriesOf(c, rq, routeName)
+	s.requests.Inc()
+	s.duration.Observe(d.Seconds())
 	if routeName != "manifest" && routeName != "blob" {
 		return
 	}
-	if hasSrc {
-		m.results.WithLabelValues(routeName, string(src)).Inc()
+	if s.results != nil {
+		s.results.Inc()
 	}
 	if req.Method != http.MethodGet || c.Response().Size == 0 {
 		return
@@ -92,7 +146,11 @@ func (m *metrics) observe(c echo.Context, rq *request, routeName string) {
 	if !hasSrc && status >= 300 {
 		return
 	}
-	m.bytes.WithLabelValues(source).Add(float64(c.Response().Size))
+	b, ok := m.byBytes.Load(source)
+	if !ok {
+		b, _ = m.byBytes.LoadOrStore(source, m.bytes.WithLabelValues(source))
+	}
+	b.(prometheus.Counter).Add(float64(c.Response().Size))
 }
 
 func (m *metrics) noteReload(err error) {

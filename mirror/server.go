@@ -460,9 +460,8 @@ func (s *Server) logRequest(c echo.Context, next echo.HandlerFunc) {
 	aborted = false
 	dur := time.Since(start)
 	rl := routeLabel(c, rq)
-	s.metrics.observe(c, rq, rl)
+	s.metrics.observe(c, rq, rl, dur)
 	s.counters.observe(rq, rl)
-	s.metrics.observeDuration(c, rq, rl, dur)
 	status := c.Response().Status
 	level := slog.LevelInfo
 	if quiet := req.URL.Path; (publicPaths[quiet] || uiPolled(quiet)) && status == http.StatusOK {
