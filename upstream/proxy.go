@@ -292,7 +292,9 @@ func (p *Proxy) HeadBlob(ctx context.Context, repo string, d digest.Digest) (Des
 // immutable: once stored it is never asked for again. A tag is served from
 // the cache within its freshness window, then revalidated with a HEAD; if
 // the upstream is down, times out, answers 5xx or 429, the last known
-// manifest is served (stale).
+// manifest is served (stale). The manifest's bytes may be shared with
+// other callers (the cache's copy in memory, a fetch others joined): read
+// them, never change them.
 func (p *Proxy) Manifest(ctx context.Context, repo, ref string, accept []string) (cache.Manifest, Source, error) {
 	if d, err := digest.Parse(ref); err == nil {
 		return p.manifestByDigest(ctx, repo, d, accept)
@@ -301,7 +303,7 @@ func (p *Proxy) Manifest(ctx context.Context, repo, ref string, accept []string)
 }
 
 func (p *Proxy) manifestByDigest(ctx context.Context, repo string, d digest.Digest, accept []string) (cache.Manifest, Source, error) {
-	if m, err := p.store.GetManifest(d); err == nil {
+	if m, err := p.store.GetManifestReadOnly(d); err == nil {
 		if err := p.confirmManifest(ctx, repo, d); err != nil {
 			return cache.Manifest{}, "", err
 		}
@@ -377,7 +379,7 @@ func (p *Proxy) cachedTag(repo, tag string, accept []string) (cache.Manifest, ca
 	if err != nil {
 		return cache.Manifest{}, cache.Tag{}, false
 	}
-	m, err := p.store.GetManifest(t.Digest)
+	m, err := p.store.GetManifestReadOnly(t.Digest)
 	if err != nil || !Acceptable(m.MediaType, accept) {
 		return cache.Manifest{}, cache.Tag{}, false
 	}
@@ -533,7 +535,7 @@ func (p *Proxy) fetchManifest(ctx context.Context, repo, ref string, accept []st
 // tag is resolved exactly as for a GET.
 func (p *Proxy) HeadManifest(ctx context.Context, repo, ref string, accept []string) (Descriptor, Source, error) {
 	if d, err := digest.Parse(ref); err == nil {
-		if m, err := p.store.GetManifest(d); err == nil {
+		if m, err := p.store.GetManifestReadOnly(d); err == nil {
 			if err := p.confirmManifest(ctx, repo, d); err != nil {
 				return Descriptor{}, "", err
 			}
