@@ -137,11 +137,12 @@ func (s *Server) Reload(ups []Upstream, def int, auth *Auth) error {
 // for slipway_config_reloads_total and the last-reload gauges.
 func (s *Server) NoteReload(err error) { s.metrics.noteReload(err) }
 
-// request is what the handlers of one request leave for its log line, its
-// metrics and the error handler. It is one value in echo.Context, put
-// there by logRequest: a value per key cost an allocation and a map
-// insert each.
+// request is the echo.Context a request is served with (echo's "custom
+// context"), holding what its handlers leave for its log line, its metrics
+// and the error handler. logRequest makes it: values in echo's own store
+// cost a map for every request and an allocation each.
 type request struct {
+	echo.Context
 	route     route
 	hasRoute  bool
 	target    target // where the name resolved to, for the log
@@ -153,18 +154,14 @@ type request struct {
 	err       error // what the error handler answered, or why a response was cut
 }
 
-// ctxRequest is the key of the request in echo.Context.
-const ctxRequest = "slipway.request"
-
-// requestOf is c's request: the one logRequest made, or a new one for a
-// context that did not come through it.
+// requestOf is c's request: c itself when logRequest made it. A context
+// that did not come through logRequest (echo hands the error handler its
+// own when the middleware fails) gets one of its own, kept by nobody.
 func requestOf(c echo.Context) *request {
-	if rq, ok := c.Get(ctxRequest).(*request); ok {
+	if rq, ok := c.(*request); ok {
 		return rq
 	}
-	rq := &request{}
-	c.Set(ctxRequest, rq)
-	return rq
+	return &request{Context: c}
 }
 
 // New builds the server.
@@ -430,13 +427,13 @@ func (s *Server) serveAPI(c echo.Context, next echo.HandlerFunc) error {
 	return next(c)
 }
 
-// logRequest serves a request, answers its error, counts it in the metrics
-// and writes one line for it: the line's attributes are built only if its
-// level is logged.
-func (s *Server) logRequest(c echo.Context, next echo.HandlerFunc) {
+// logRequest serves a request with its own context (request), answers its
+// error, counts it in the metrics and writes one line for it: the line's
+// attributes are built only if its level is logged.
+func (s *Server) logRequest(ec echo.Context, next echo.HandlerFunc) {
 	start := time.Now()
-	rq := &request{}
-	c.Set(ctxRequest, rq)
+	rq := &request{Context: ec}
+	c := echo.Context(rq)
 	req := c.Request()
 	id := req.Header.Get(echo.HeaderXRequestID)
 	if id == "" || len(id) > 64 {
@@ -455,7 +452,7 @@ func (s *Server) logRequest(c echo.Context, next echo.HandlerFunc) {
 			"path", req.URL.Path, "bytes", c.Response().Size, "dur", time.Since(start))
 	}()
 	if err := s.serveAPI(c, next); err != nil {
-		c.Error(err)
+		s.handleError(err, c) // not c.Error: it hands echo's own context on
 	}
 	aborted = false
 	dur := time.Since(start)
