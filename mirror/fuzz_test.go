@@ -76,6 +76,9 @@ func FuzzParseRoute(f *testing.F) {
 		case routeBase, routeCatalog:
 			return
 		}
+		if p := routePath(r); p != path && p+"/" != path {
+			t.Fatalf("%q: read as %+v, which is %q", path, r, p)
+		}
 		if len(r.name) > maxNameLen || !nameRe.MatchString(r.name) {
 			t.Fatalf("%q: accepted name %q", path, r.name)
 		}
@@ -97,6 +100,15 @@ func FuzzParseRoute(f *testing.F) {
 			}
 		}
 	})
+}
+
+// routePath is the path of r: the name and the route's own segments (an
+// upload session's start may also end in a slash).
+func routePath(r route) string {
+	tail := map[routeKind]string{routeManifest: "manifests/" + r.ref, routeBlob: "blobs/" + string(r.digest),
+		routeUploads: "blobs/uploads", routeUpload: "blobs/uploads/" + r.upload, routeTags: "tags/list",
+		routeReferrers: "referrers/" + string(r.digest)}[r.kind]
+	return "/v2/" + r.name + "/" + tail
 }
 
 func checkDigest(t *testing.T, path string, d digest.Digest) {

@@ -53,30 +53,34 @@ func parseRoute(path string) (route, error) {
 	if rest == "_catalog" {
 		return route{kind: routeCatalog}, nil
 	}
-	seg := strings.Split(rest, "/")
-	n := len(seg)
+	// The last three segments (s1 the last) and what is before each (h1
+	// before s1, without the slash), cut from the tail: the name is what
+	// comes before the route's own segments, slashes and all.
+	n := strings.Count(rest, "/") + 1
+	h1, s1 := cutLast(rest)
+	h2, s2 := cutLast(h1)
+	h3, s3 := cutLast(h2)
 	var r route
-	var nameParts []string
 	switch {
-	case n >= 4 && seg[n-3] == "blobs" && seg[n-2] == "uploads":
-		r.kind, nameParts = routeUploads, seg[:n-3]
-		if seg[n-1] != "" {
-			if !idRe.MatchString(seg[n-1]) {
+	case n >= 4 && s3 == "blobs" && s2 == "uploads":
+		r.kind, r.name = routeUploads, h3
+		if s1 != "" {
+			if !idRe.MatchString(s1) {
 				return route{}, errUploadUnknown
 			}
-			r.kind, r.upload = routeUpload, seg[n-1]
+			r.kind, r.upload = routeUpload, s1
 		}
-	case n >= 3 && seg[n-2] == "blobs" && seg[n-1] == "uploads":
-		r.kind, nameParts = routeUploads, seg[:n-2]
-	case n >= 3 && seg[n-2] == "blobs":
-		r.kind, nameParts = routeBlob, seg[:n-2]
-		d, err := parseDigest(seg[n-1])
+	case n >= 3 && s2 == "blobs" && s1 == "uploads":
+		r.kind, r.name = routeUploads, h2
+	case n >= 3 && s2 == "blobs":
+		r.kind, r.name = routeBlob, h2
+		d, err := parseDigest(s1)
 		if err != nil {
 			return route{}, err
 		}
 		r.digest = d
-	case n >= 3 && seg[n-2] == "manifests":
-		r.kind, nameParts, r.ref = routeManifest, seg[:n-2], seg[n-1]
+	case n >= 3 && s2 == "manifests":
+		r.kind, r.name, r.ref = routeManifest, h2, s1
 		if strings.Contains(r.ref, ":") {
 			d, err := parseDigest(r.ref)
 			if err != nil {
@@ -86,11 +90,11 @@ func parseRoute(path string) (route, error) {
 		} else if !validTag(r.ref) {
 			return route{}, errTagInvalid
 		}
-	case n >= 3 && seg[n-2] == "tags" && seg[n-1] == "list":
-		r.kind, nameParts = routeTags, seg[:n-2]
-	case n >= 3 && seg[n-2] == "referrers":
-		r.kind, nameParts = routeReferrers, seg[:n-2]
-		d, err := parseDigest(seg[n-1])
+	case n >= 3 && s2 == "tags" && s1 == "list":
+		r.kind, r.name = routeTags, h2
+	case n >= 3 && s2 == "referrers":
+		r.kind, r.name = routeReferrers, h2
+		d, err := parseDigest(s1)
 		if err != nil {
 			return route{}, err
 		}
@@ -98,11 +102,19 @@ func parseRoute(path string) (route, error) {
 	default:
 		return route{}, errRouteUnknown
 	}
-	r.name = strings.Join(nameParts, "/")
 	if err := validateName(r.name); err != nil {
 		return route{}, err
 	}
 	return r, nil
+}
+
+// cutLast cuts s at its last slash; without one, head is "".
+func cutLast(s string) (head, last string) {
+	i := strings.LastIndexByte(s, '/')
+	if i < 0 {
+		return "", s
+	}
+	return s[:i], s[i+1:]
 }
 
 func validateName(name string) error {
