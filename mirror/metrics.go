@@ -5,6 +5,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/labstack/echo/v4"
@@ -46,9 +47,10 @@ type metrics struct {
 	// once: WithLabelValues hashes and compares every label value on each
 	// call, four calls a request. Each is made when the first request of
 	// its kind is counted, as WithLabelValues would make it, so the keys
-	// are bounded as the series are.
-	series  sync.Map // seriesKey -> *series
-	byBytes sync.Map // source label -> prometheus.Counter
+	// are bounded as the series are. Read without a lock; a new kind
+	// copies the map under seriesMu.
+	series   atomic.Pointer[map[seriesKey]*series]
+	seriesMu sync.Mutex
 }
 
 // seriesKey is what decides an answered request's series.
@@ -63,14 +65,29 @@ type series struct {
 	requests prometheus.Counter
 	duration prometheus.Observer
 	results  prometheus.Counter // nil: not a manifest or blob answer with a source
+	// bytes, made at the first answer of this kind with a body (with
+	// none, slipway_served_bytes_total has no series for it yet).
+	bytes     atomic.Pointer[prometheus.Counter]
+	bytesVec  *prometheus.CounterVec
+	bytesFrom string // its source label
 }
 
 // seriesOf returns the series of the request rq (on route routeName).
 func (m *metrics) seriesOf(c echo.Context, rq *request, routeName string) *series {
 	k := seriesKey{route: routeName, method: methodLabel(c.Request().Method), status: c.Response().Status,
 		src: rq.src, hasSrc: rq.hasSrc, local: !rq.hasSrc && rq.hasTarget && rq.target.local}
-	if s, ok := m.series.Load(k); ok {
-		return s.(*series)
+	if all := m.series.Load(); all != nil {
+		if s, ok := (*all)[k]; ok {
+			return s
+		}
+	}
+	m.seriesMu.Lock()
+	defer m.seriesMu.Unlock()
+	old := m.series.Load()
+	if old != nil {
+		if s, ok := (*old)[k]; ok {
+			return s
+		}
 	}
 	result := "none"
 	switch {
@@ -80,14 +97,50 @@ func (m *metrics) seriesOf(c echo.Context, rq *request, routeName string) *serie
 		result = "local"
 	}
 	s := &series{
-		requests: m.requests.WithLabelValues(k.route, k.method, strconv.Itoa(k.status)),
-		duration: m.duration.WithLabelValues(k.route, k.method, result),
+		requests:  m.requests.WithLabelValues(k.route, k.method, strconv.Itoa(k.status)),
+		duration:  m.duration.WithLabelValues(k.route, k.method, result),
+		bytesVec:  m.bytes,
+		bytesFrom: servedFrom(k.src),
 	}
 	if k.hasSrc && (k.route == "manifest" || k.route == "blob") {
 		s.results = m.results.WithLabelValues(k.route, string(k.src))
 	}
-	v, _ := m.series.LoadOrStore(k, s)
-	return v.(*series)
+	all := make(map[seriesKey]*series, 1+len(m.seriesMap(old)))
+	for k, v := range m.seriesMap(old) {
+		all[k] = v
+	}
+	all[k] = s
+	m.series.Store(&all)
+	return s
+}
+
+func (m *metrics) seriesMap(p *map[seriesKey]*series) map[seriesKey]*series {
+	if p == nil {
+		return nil
+	}
+	return *p
+}
+
+// addBytes counts n bytes served.
+func (s *series) addBytes(n int64) {
+	c := s.bytes.Load()
+	if c == nil {
+		made := s.bytesVec.WithLabelValues(s.bytesFrom)
+		s.bytes.CompareAndSwap(nil, &made)
+		c = s.bytes.Load()
+	}
+	(*c).Add(float64(n))
+}
+
+// servedFrom is slipway_served_bytes_total's source label of an answer.
+func servedFrom(src upstream.Source) string {
+	switch src {
+	case upstream.SourceHit, upstream.SourceRevalidated, upstream.SourceStale:
+		return "cache"
+	case upstream.SourceMiss, upstream.SourceJoined, upstream.SourceUpstream:
+		return "upstream"
+	}
+	return "local"
 }
 
 func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs *Observer) *metrics {
@@ -121,7 +174,6 @@ func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs 
 // gives it, the status, and the cache result (a Source, "local" for a
 // pushed repository, or "none").
 func (m *metrics) observe(c echo.Context, rq *request, routeName string, d time.Duration) {
-	src, hasSrc := rq.src, rq.hasSrc
 	req := c.Request()
 	status := c.Response().Status
 	s := m.seriesOf(c, rq, routeName)
@@ -133,24 +185,10 @@ func (m *metrics) observe(c echo.Context, rq *request, routeName string, d time.
 	if s.results != nil {
 		s.results.Inc()
 	}
-	if req.Method != http.MethodGet || c.Response().Size == 0 {
+	if req.Method != http.MethodGet || c.Response().Size == 0 || (!rq.hasSrc && status >= 300) {
 		return
 	}
-	source := "local"
-	switch src {
-	case upstream.SourceHit, upstream.SourceRevalidated, upstream.SourceStale:
-		source = "cache"
-	case upstream.SourceMiss, upstream.SourceJoined, upstream.SourceUpstream:
-		source = "upstream"
-	}
-	if !hasSrc && status >= 300 {
-		return
-	}
-	b, ok := m.byBytes.Load(source)
-	if !ok {
-		b, _ = m.byBytes.LoadOrStore(source, m.bytes.WithLabelValues(source))
-	}
-	b.(prometheus.Counter).Add(float64(c.Response().Size))
+	s.addBytes(c.Response().Size)
 }
 
 func (m *metrics) noteReload(err error) {

@@ -263,3 +263,62 @@ func TestReadinessNeedsWritableDataDir(t *testing.T) {
 		t.Errorf("GET /readyz with a read-only data dir: %s %q, want 503", resp.Status, body)
 	}
 }
+
+// Many clients at once, on answers of several kinds (hits, 404s, HEADs,
+// the base route): every request is counted once in its own series, its
+// latency too, and bytes only for what had a body.
+func TestMetricsCountConcurrentRequestsOnce(t *testing.T) {
+	e := newOpsEnv(t, nil)
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.up.pushImageTo(t, img, "team/app:v1")
+	manURL := e.url("/v2/up/team/app/manifests/v1")
+	resp, body := getBody(t, manURL) // the miss, before the counting starts
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("first pull: %s", resp.Status)
+	}
+	before := scrape(t, e.url("/metrics"))
+	const clients, each = 8, 25
+	var wg sync.WaitGroup
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				for _, r := range []struct{ method, url string }{
+					{http.MethodGet, manURL}, {http.MethodHead, manURL},
+					{http.MethodGet, e.url("/v2/up/team/app/manifests/nope")}, {http.MethodGet, e.url("/v2/")},
+				} {
+					req, _ := http.NewRequest(r.method, r.url, nil)
+					resp, err := http.DefaultClient.Do(req)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	after := scrape(t, e.url("/metrics"))
+	n := float64(clients * each)
+	for k, want := range map[string]float64{
+		`slipway_http_requests_total{method="GET",route="manifest",status="200"}`:                 n,
+		`slipway_http_requests_total{method="HEAD",route="manifest",status="200"}`:                n,
+		`slipway_http_requests_total{method="GET",route="manifest",status="404"}`:                 n,
+		`slipway_http_requests_total{method="GET",route="base",status="200"}`:                     n,
+		`slipway_cache_results_total{kind="manifest",result="hit"}`:                               2 * n,
+		`slipway_served_bytes_total{source="cache"}`:                                              n * float64(len(body)),
+		`slipway_http_request_duration_seconds_count{cache="hit",method="GET",route="manifest"}`:  n,
+		`slipway_http_request_duration_seconds_count{cache="hit",method="HEAD",route="manifest"}`: n,
+		`slipway_http_request_duration_seconds_count{cache="none",method="GET",route="base"}`:     n,
+	} {
+		if got := after[k] - before[k]; got != want {
+			t.Errorf("%s moved by %v, want %v", k, got, want)
+		}
+	}
+}
