@@ -23,6 +23,17 @@ import (
 func accepts(r *http.Request) []string {
 	var out []string
 	for _, h := range r.Header.Values("Accept") {
+		if slices.Contains(upstream.AcceptedTypes, h) {
+			// A line that is one known type, as Docker and containerd
+			// send them: it covers itself alone.
+			if !slices.Contains(out, h) {
+				if out == nil {
+					out = make([]string, 0, len(upstream.AcceptedTypes))
+				}
+				out = append(out, h)
+			}
+			continue
+		}
 		for h != "" {
 			var a string
 			a, h, _ = strings.Cut(h, ",")

@@ -620,7 +620,7 @@ func withAll(accept []string) []string {
 // Acceptable reports whether media type mt satisfies an Accept list (each
 // entry one media range; parameters ignored). No Accept accepts anything.
 func Acceptable(mt string, accept []string) bool {
-	if len(accept) == 0 {
+	if len(accept) == 0 || slices.Contains(accept, mt) {
 		return true
 	}
 	for _, a := range accept {
