@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -320,5 +321,69 @@ func TestMetricsCountConcurrentRequestsOnce(t *testing.T) {
 		if got := after[k] - before[k]; got != want {
 			t.Errorf("%s moved by %v, want %v", k, got, want)
 		}
+	}
+}
+
+// A request's log line holds what it always held, in the same order: the
+// request, its route and answer, where its name went, how the cache
+// answered, and the error.
+func TestRequestLogLine(t *testing.T) {
+	var out syncBuffer
+	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+		switch a.Key {
+		case slog.TimeKey:
+			return slog.Attr{}
+		case "dur":
+			return slog.String("dur", "D")
+		}
+		return a
+	}}))
+	e := newOpsEnv(t, func(c *Config) { c.Logger = log })
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.up.pushImageTo(t, img, "team/app:v1")
+	get := func(path, id string) int64 {
+		req, _ := http.NewRequest(http.MethodGet, e.url(path), nil)
+		req.Header.Set("X-Request-ID", id)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _ := io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if got := resp.Header.Get("X-Request-Id"); got != id {
+			t.Errorf("X-Request-Id %q, want %q", got, id)
+		}
+		return n
+	}
+	n := get("/v2/up/team/app/manifests/v1?x=1", "id-1")
+	get("/v2/up/team/app/manifests/v1", "id-2")
+	get("/v2/up/team/app/manifests/Bad!", "id-3")
+	get("/v2/", "id-4")
+	host := e.up.host
+	want := []string{
+		fmt.Sprintf(`level=INFO msg=request request_id=id-1 method=GET path=/v2/up/team/app/manifests/v1 query="x=1" route=manifest status=200 bytes=%d dur=D upstream=%s repo=team/app cache=miss`, n, host),
+		fmt.Sprintf(`level=INFO msg=request request_id=id-2 method=GET path=/v2/up/team/app/manifests/v1 route=manifest status=200 bytes=%d dur=D upstream=%s repo=team/app cache=hit`, n, host),
+		`level=INFO msg=request request_id=id-3 method=GET path=/v2/up/team/app/manifests/Bad! route=unknown status=400 bytes=`,
+		`level=INFO msg=request request_id=id-4 method=GET path=/v2/ route=base status=200 bytes=2 dur=D`,
+	}
+	var got []string
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		if strings.Contains(l, "msg=request") {
+			got = append(got, l)
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d request lines, want %d:\n%s", len(got), len(want), out.String())
+	}
+	for i := range want {
+		if !strings.HasPrefix(got[i], want[i]) {
+			t.Errorf("line %d:\n got %s\nwant %s", i, got[i], want[i])
+		}
+	}
+	if !strings.Contains(got[2], " dur=D err=") {
+		t.Errorf("the refused request's line has no error after its duration: %s", got[2])
 	}
 }
