@@ -484,26 +484,29 @@ func (s *Server) logRequest(ec echo.Context, next echo.HandlerFunc) {
 	if !s.log.Enabled(req.Context(), level) {
 		return
 	}
-	attrs := []any{"request_id", id, "method", req.Method, "path", req.URL.Path}
+	// slog.Attr values, not key-value pairs: no value is boxed.
+	var buf [14]slog.Attr
+	attrs := append(buf[:0], slog.String("request_id", id), slog.String("method", req.Method), slog.String("path", req.URL.Path))
 	if q := req.URL.RawQuery; q != "" {
-		attrs = append(attrs, "query", q[:min(len(q), 256)])
+		attrs = append(attrs, slog.String("query", q[:min(len(q), 256)]))
 	}
-	attrs = append(attrs, "route", rl, "status", status, "bytes", c.Response().Size, "dur", dur)
+	attrs = append(attrs, slog.String("route", rl), slog.Int("status", status), slog.Int64("bytes", c.Response().Size),
+		slog.Duration("dur", dur))
 	if t := rq.target; rq.hasTarget {
 		up := "local"
 		if !t.local {
 			up = t.up.Proxy.Upstream().Host()
 		}
-		attrs = append(attrs, "upstream", up, "repo", t.repo)
+		attrs = append(attrs, slog.String("upstream", up), slog.String("repo", t.repo))
 	}
 	if rq.hasSrc {
-		attrs = append(attrs, "cache", string(rq.src))
+		attrs = append(attrs, slog.String("cache", string(rq.src)))
 	}
 	if rq.hasUser {
-		attrs = append(attrs, "user", rq.user)
+		attrs = append(attrs, slog.String("user", rq.user))
 	}
 	if rq.err != nil {
-		attrs = append(attrs, "err", rq.err.Error())
+		attrs = append(attrs, slog.String("err", rq.err.Error()))
 	}
-	s.log.Log(req.Context(), level, "request", attrs...)
+	s.log.LogAttrs(req.Context(), level, "request", attrs...)
 }
