@@ -1,6 +1,7 @@
 package mirror
 
 import (
+	"maps"
 	"net/http"
 	"strconv"
 	"strings"
@@ -83,11 +84,12 @@ func (m *metrics) seriesOf(c echo.Context, rq *request, routeName string) *serie
 	}
 	m.seriesMu.Lock()
 	defer m.seriesMu.Unlock()
-	old := m.series.Load()
-	if old != nil {
-		if s, ok := (*old)[k]; ok {
-			return s
-		}
+	var old map[seriesKey]*series
+	if p := m.series.Load(); p != nil {
+		old = *p
+	}
+	if s, ok := old[k]; ok {
+		return s
 	}
 	result := "none"
 	switch {
@@ -105,20 +107,11 @@ func (m *metrics) seriesOf(c echo.Context, rq *request, routeName string) *serie
 	if k.hasSrc && (k.route == "manifest" || k.route == "blob") {
 		s.results = m.results.WithLabelValues(k.route, string(k.src))
 	}
-	all := make(map[seriesKey]*series, 1+len(m.seriesMap(old)))
-	for k, v := range m.seriesMap(old) {
-		all[k] = v
-	}
+	all := make(map[seriesKey]*series, len(old)+1)
+	maps.Copy(all, old)
 	all[k] = s
 	m.series.Store(&all)
 	return s
-}
-
-func (m *metrics) seriesMap(p *map[seriesKey]*series) map[seriesKey]*series {
-	if p == nil {
-		return nil
-	}
-	return *p
 }
 
 // addBytes counts n bytes served.
