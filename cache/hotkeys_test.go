@@ -213,3 +213,36 @@ func (h *hotKeys[K, V]) len() int {
 	}
 	return h.lru.Len()
 }
+
+// BenchmarkHotTagsGet: warm reads of tags from many goroutines, as warm
+// pulls by tag do them, with no write to the index in between.
+func BenchmarkHotTagsGet(b *testing.B) {
+	dir := b.TempDir()
+	s, err := Open(dir, Options{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer s.Close()
+	const ns = "up.example"
+	var repos []string
+	for i := range 64 {
+		m := hotTestManifest(i, OriginPulled)
+		repo := fmt.Sprintf("team/app%d", i)
+		if err := s.PutManifest(ManifestPut{NS: ns, Repo: repo, Manifest: m, Tags: []string{"v1"}}); err != nil {
+			b.Fatal(err)
+		}
+		repos = append(repos, repo)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	b.RunParallel(func(pb *testing.PB) {
+		i := 0
+		for pb.Next() {
+			if _, err := s.GetTag(ns, repos[i%len(repos)], "v1"); err != nil {
+				b.Error(err)
+				return
+			}
+			i += 7
+		}
+	})
+}
