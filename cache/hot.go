@@ -2,6 +2,7 @@ package cache
 
 import (
 	"sync"
+	"sync/atomic"
 
 	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/opencontainers/go-digest"
@@ -109,4 +110,71 @@ func (h *hotManifests) forget(d digest.Digest) {
 	if h.lru != nil {
 		h.lru.Remove(d)
 	}
+}
+
+// hotKeys keeps index entries read lately in memory, decoded, each with
+// the index's write count at the moment it was read (index.writes, bumped
+// after every read-write transaction and batch). An entry answers only
+// while that count has not moved, so any write retires everything read
+// before it without knowing which keys it touched: a tag moved in a
+// transaction deep in eviction is never served from memory. A read that
+// raced a write is stamped with the count before it, so it is never
+// served either.
+//
+// A warm mirror's reads far outnumber its writes (fills, pushes, tag
+// revalidations, the access-time flush every MaintenanceInterval), so most
+// lookups answer from memory: a warm pull by tag no longer opens two
+// badger transactions (the tag, and whether the name is a local
+// repository). Under a stream of writes a lookup costs one failed map
+// probe more than badger alone. At most max entries, least recently used
+// first out; errors (ErrNotFound) are not kept.
+type hotKeys[K comparable, V any] struct {
+	writes *atomic.Uint64 // the index's
+	max    int
+
+	mu  sync.Mutex
+	lru *simplelru.LRU[K, hotKey[V]] // nil until the first add
+}
+
+type hotKey[V any] struct {
+	v  V
+	at uint64 // index.writes when it was read
+}
+
+// Bounds of the hot keys: keys are at most a host, a name and a tag, so
+// a few MiB at worst.
+const (
+	hotTags  = 4096
+	hotRepos = 4096
+)
+
+// get returns k's value: from memory if the index was not written since it
+// was read, else from read (which reads the index), kept if it succeeds.
+func (h *hotKeys[K, V]) get(k K, read func() (V, error)) (V, error) {
+	at := h.writes.Load()
+	h.mu.Lock()
+	var e hotKey[V]
+	ok := false
+	if h.lru != nil {
+		e, ok = h.lru.Get(k)
+	}
+	h.mu.Unlock()
+	if ok && e.at == at {
+		return e.v, nil
+	}
+	v, err := read()
+	if err != nil {
+		return v, err
+	}
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.lru == nil {
+		l, err := simplelru.NewLRU[K, hotKey[V]](h.max, nil)
+		if err != nil {
+			panic(err) // only for a size <= 0
+		}
+		h.lru = l
+	}
+	h.lru.Add(k, hotKey[V]{v: v, at: at})
+	return v, nil
 }

@@ -2,6 +2,7 @@ package cache
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"sync"
 	"testing"
@@ -215,4 +216,28 @@ func BenchmarkHotManifestsGet(b *testing.B) {
 			i += 7
 		}
 	})
+}
+
+// GetManifest's bytes are the caller's: changing them changes nothing
+// another reader gets. GetManifestReadOnly answers the same manifest.
+func TestHotManifestsGetManifestBytesAreTheCallers(t *testing.T) {
+	s, _ := newStore(t)
+	m := hotTestManifest(1, OriginPulled)
+	if err := s.PutManifest(ManifestPut{Manifest: m}); err != nil {
+		t.Fatal(err)
+	}
+	for i := 0; i < 3; i++ {
+		got, err := s.GetManifest(m.Digest)
+		if err != nil {
+			t.Fatal(err)
+		}
+		clear(got.Bytes) // the caller's to scribble on
+		ro, err := s.GetManifestReadOnly(m.Digest)
+		if err != nil || !bytes.Equal(ro.Bytes, m.Bytes) || ro.MediaType != m.MediaType || ro.Origin != m.Origin {
+			t.Fatalf("read %d: the read-only manifest is not the stored one: %v", i, err)
+		}
+	}
+	if _, err := s.GetManifestReadOnly(digest.FromString("absent")); !errors.Is(err, ErrNotFound) {
+		t.Errorf("an absent manifest: %v", err)
+	}
 }

@@ -3,6 +3,7 @@ package cache
 import (
 	"bytes"
 	"errors"
+	"sync/atomic"
 
 	"github.com/dgraph-io/badger/v4"
 )
@@ -12,6 +13,10 @@ import (
 // store's (a missing key is ErrNotFound, a closed database ErrClosed).
 type index struct {
 	db *badger.DB
+	// writes counts read-write transactions and batches, each once it
+	// has committed (or failed): what memory holds of the index (hotKeys)
+	// is good while this has not moved since it was read.
+	writes atomic.Uint64
 }
 
 // errStop ends an each loop early without an error.
@@ -35,6 +40,7 @@ func (x *index) view(fn func(txn *badger.Txn) error) error {
 // update runs fn in a read-write transaction, again when a concurrent one
 // conflicted with it (it read a key another wrote meanwhile).
 func (x *index) update(fn func(txn *badger.Txn) error) error {
+	defer x.writes.Add(1)
 	var err error
 	for range 16 {
 		err = x.db.Update(fn)
@@ -73,6 +79,7 @@ func (x *index) set(key, value []byte) error {
 
 // batch writes many independent keys at once (no reads, no conflicts).
 func (x *index) batch(fn func(wb *badger.WriteBatch) error) error {
+	defer x.writes.Add(1) // after the Cancel below: deferred calls run last first
 	wb := x.db.NewWriteBatch()
 	defer wb.Cancel()
 	if err := fn(wb); err != nil {

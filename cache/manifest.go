@@ -254,7 +254,20 @@ func (s *Store) lockAll(keys []string) func() {
 // returned bytes are the caller's to keep. In a fleet, a manifest this
 // replica lacks is read from the shared tier (and kept here).
 func (s *Store) GetManifest(d digest.Digest) (Manifest, error) {
-	m, err := s.localManifest(d)
+	return s.getManifest(d, true)
+}
+
+// GetManifestReadOnly is GetManifest for a caller that only reads the
+// bytes (serves or parses them): they may be the copy held in memory,
+// shared with every other reader, and must never be changed. A warm pull
+// is spared copying the manifest on every request.
+func (s *Store) GetManifestReadOnly(d digest.Digest) (Manifest, error) {
+	return s.getManifest(d, false)
+}
+
+// getManifest is GetManifest; own: the bytes are the caller's to keep.
+func (s *Store) getManifest(d digest.Digest, own bool) (Manifest, error) {
+	m, err := s.localManifest(d, own)
 	if s.shared == nil || !errors.Is(err, ErrNotFound) {
 		return m, err
 	}
@@ -271,13 +284,15 @@ func (s *Store) GetManifest(d digest.Digest) (Manifest, error) {
 	if err := s.PutManifest(ManifestPut{Manifest: m, FromShared: true}); err != nil {
 		return Manifest{}, err
 	}
-	return s.localManifest(d)
+	return s.localManifest(d, own)
 }
 
-// localManifest is GetManifest of this replica's own copy.
-func (s *Store) localManifest(d digest.Digest) (Manifest, error) {
+// localManifest is getManifest of this replica's own copy.
+func (s *Store) localManifest(d digest.Digest, own bool) (Manifest, error) {
 	if m, ok := s.hot.get(d); ok {
-		m.Bytes = bytes.Clone(m.Bytes)
+		if own {
+			m.Bytes = bytes.Clone(m.Bytes)
+		}
 		return m, nil
 	}
 	gen := s.hot.generation()
@@ -365,12 +380,17 @@ func (s *Store) GetTag(ns, repo, tag string) (Tag, error) {
 	return t, nil
 }
 
+// tagKey names a tag in memory (hotKeys) without building its index key.
+type tagKey struct{ ns, repo, tag string }
+
 func (s *Store) localTag(ns, repo, tag string) (Tag, error) {
-	v, err := s.ix.get(keyTag(ns, repo, tag))
-	if err != nil {
-		return Tag{}, err
-	}
-	return decodeTag(v)
+	return s.tags.get(tagKey{ns, repo, tag}, func() (Tag, error) {
+		v, err := s.ix.get(keyTag(ns, repo, tag))
+		if err != nil {
+			return Tag{}, err
+		}
+		return decodeTag(v)
+	})
 }
 
 // DeleteTag removes ns/repo:tag. A missing tag is ErrNotFound.

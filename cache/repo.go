@@ -40,7 +40,7 @@ func (s *Store) AddRepository(name string) error {
 // tier does not know is remembered as absent for a moment (routing asks of
 // every name).
 func (s *Store) RepositoryExists(name string) (bool, error) {
-	ok, err := s.ix.has(keyRepo(name))
+	ok, err := s.repos.get(name, func() (bool, error) { return s.ix.has(keyRepo(name)) })
 	if err != nil || ok || s.shared == nil {
 		return ok, err
 	}

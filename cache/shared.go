@@ -319,7 +319,7 @@ func (s *Store) sendQueued(k []byte) error {
 		}
 		return s.shared.PutBlob(ctx, d, f, fi.Size())
 	case queueManifest:
-		m, err := s.localManifest(digest.Digest(parts[0]))
+		m, err := s.localManifest(digest.Digest(parts[0]), true)
 		if errors.Is(err, ErrNotFound) {
 			return nil
 		}

@@ -105,9 +105,11 @@ type Store struct {
 	opt   Options
 
 	life     lifecycle
-	hot      hotManifests   // manifests read last, in memory
-	declared declaredWrites // pushes of a declared digest in flight
-	chunks   chunkGroups    // chunked uploads sharing a file
+	hot      hotManifests          // manifests read last, in memory
+	tags     hotKeys[tagKey, Tag]  // tags read lately
+	repos    hotKeys[string, bool] // local repositories, and names that are none
+	declared declaredWrites        // pushes of a declared digest in flight
+	chunks   chunkGroups           // chunked uploads sharing a file
 
 	shared    *tier.Client  // the fleet's shared tier; nil: alone
 	queueKick chan struct{} // asks the drain loop to send the queue now
@@ -191,9 +193,11 @@ func Open(dir string, opt Options) (*Store, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cache: open index: %w", err)
 	}
-	s := &Store{dir: dir, ix: index{db}, log: opt.Logger, now: opt.Now, opt: opt, stop: make(chan struct{}),
+	s := &Store{dir: dir, ix: index{db: db}, log: opt.Logger, now: opt.Now, opt: opt, stop: make(chan struct{}),
 		shared: opt.Shared, queueKick: make(chan struct{}, 1)}
 	s.life.init()
+	s.tags.writes, s.tags.max = &s.ix.writes, hotTags
+	s.repos.writes, s.repos.max = &s.ix.writes, hotRepos
 	if opt.MaxSize > 0 {
 		s.life.budgetHigh = s.highMark()
 		s.life.onGrowth = s.kickMaintenance

@@ -171,49 +171,45 @@ var errAuthFailed = &ociError{code: codeUnauthorized, message: "wrong user name 
 // Everything else is checked, whatever its shape (default deny).
 var publicPaths = map[string]bool{"/healthz": true, "/readyz": true, "/metrics": true}
 
-// ctxUser is the authenticated user's name in echo.Context.
-const ctxUser = "slipway.user"
-
-// authenticate is the middleware for /v2/: credentials, if sent, must be
-// right; /v2/ itself always asks for them (so docker login checks the
-// password); reads without credentials pass if anonymous pulls are allowed;
-// writes need a user whose prefixes cover the repository; the admin POSTs
-// (verify, gc) need a user whose pushes are not limited. Prefetch counts as
-// a pull: it stores nothing a pull could not.
-func (s *Server) authenticate(next echo.HandlerFunc) echo.HandlerFunc {
-	return func(c echo.Context) error {
-		a := s.routing.Load().auth
-		req := c.Request()
-		if a == nil || publicPaths[req.URL.Path] {
-			return next(c)
-		}
-		user, pass, hasCreds := req.BasicAuth()
-		if hasCreds {
-			if !a.check(user, pass) {
-				return errAuthFailed
-			}
-			c.Set(ctxUser, user)
-		}
-		base := req.URL.Path == "/v2" || req.URL.Path == "/v2/"
-		write := !base && req.Method != http.MethodGet && req.Method != http.MethodHead &&
-			!strings.HasPrefix(req.URL.Path, "/v2/_slipway/prefetch")
-		switch {
-		case !hasCreds && (base || write || !a.anonymousPull):
-			return errAuthRequired
-		case write && strings.HasPrefix(req.URL.Path, "/v2/_slipway/"):
-			// verify, gc: for users whose pushes are not limited.
-			if _, limited := a.push[user]; limited {
-				return newError(codeDenied, fmt.Sprintf("user %q may not run maintenance (its pushes are limited to prefixes)", user))
-			}
-		case write:
-			r, err := parseRoute(req.URL.Path)
-			if err != nil {
-				return err
-			}
-			if !a.mayPush(user, r.name) {
-				return newError(codeDenied, fmt.Sprintf("user %q may not push to %q", user, r.name))
-			}
-		}
-		return next(c)
+// authenticate checks a request to /v2/ (nil: serve it): credentials, if
+// sent, must be right; /v2/ itself always asks for them (so docker login
+// checks the password); reads without credentials pass if anonymous pulls
+// are allowed; writes need a user whose prefixes cover the repository; the
+// admin POSTs (verify, gc) need a user whose pushes are not limited.
+// Prefetch counts as a pull: it stores nothing a pull could not.
+func (s *Server) authenticate(c echo.Context) error {
+	a := s.routing.Load().auth
+	req := c.Request()
+	if a == nil || publicPaths[req.URL.Path] {
+		return nil
 	}
+	user, pass, hasCreds := req.BasicAuth()
+	if hasCreds {
+		if !a.check(user, pass) {
+			return errAuthFailed
+		}
+		rq := requestOf(c)
+		rq.user, rq.hasUser = user, true
+	}
+	base := req.URL.Path == "/v2" || req.URL.Path == "/v2/"
+	write := !base && req.Method != http.MethodGet && req.Method != http.MethodHead &&
+		!strings.HasPrefix(req.URL.Path, "/v2/_slipway/prefetch")
+	switch {
+	case !hasCreds && (base || write || !a.anonymousPull):
+		return errAuthRequired
+	case write && strings.HasPrefix(req.URL.Path, "/v2/_slipway/"):
+		// verify, gc: for users whose pushes are not limited.
+		if _, limited := a.push[user]; limited {
+			return newError(codeDenied, fmt.Sprintf("user %q may not run maintenance (its pushes are limited to prefixes)", user))
+		}
+	case write:
+		r, err := parseRoute(req.URL.Path)
+		if err != nil {
+			return err
+		}
+		if !a.mayPush(user, r.name) {
+			return newError(codeDenied, fmt.Sprintf("user %q may not push to %q", user, r.name))
+		}
+	}
+	return nil
 }

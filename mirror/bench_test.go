@@ -4,10 +4,13 @@ import (
 	"crypto/rand"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"sort"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -16,6 +19,8 @@ import (
 	"github.com/opencontainers/go-digest"
 
 	"slipway/cache"
+	"slipway/push"
+	"slipway/upstream"
 )
 
 // Benchmarks run the mirror in-process on loopback against the in-process
@@ -111,48 +116,170 @@ func BenchmarkWarmBlob(b *testing.B) {
 	}
 }
 
-func BenchmarkWarmManifestByTag(b *testing.B) {
-	e := newPullEnv(b, false)
-	img, _ := random.Image(1024, 2)
-	e.pushImage(b, img, "team/app:v1")
-	url := e.url("/v2/team/app/manifests/v1")
-	if _, err := drain(url, make([]byte, 64<<10)); err != nil {
+// manifestAccept is the Accept header Docker, containerd and slipbench
+// send for a manifest: each type on a line of its own.
+var manifestAccept = []string{
+	"application/vnd.oci.image.manifest.v1+json",
+	"application/vnd.oci.image.index.v1+json",
+	"application/vnd.docker.distribution.manifest.v2+json",
+	"application/vnd.docker.distribution.manifest.list.v2+json",
+}
+
+// newManifestBenchEnv is a pull env wired as `slipway serve` wires it (a
+// read-only push manager, so every unprefixed name is asked whether it is
+// a local repository), logging at level: Info writes every access line,
+// Warn none. It holds team/app:v1, pulled once.
+func newManifestBenchEnv(b *testing.B, level slog.Level) (*pullEnv, *Server) {
+	b.Helper()
+	e := &pullEnv{up: newFakeUpstream(b), clock: &fakeClock{t: time.Unix(1_800_000_000, 0)}, dir: b.TempDir()}
+	log := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: level}))
+	st, err := cache.Open(e.dir, cache.Options{Logger: log})
+	if err != nil {
 		b.Fatal(err)
 	}
-	before := e.up.countPrefix("", "")
-	const conns = 64
-	b.ResetTimer()
-	lat := make([][]time.Duration, conns)
-	start := time.Now()
-	var wg sync.WaitGroup
-	for c := 0; c < conns; c++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			buf := make([]byte, 64<<10)
-			for i := c; i < b.N; i += conns {
-				t0 := time.Now()
-				if _, err := drain(url, buf); err != nil {
-					b.Error(err)
-					return
-				}
-				lat[c] = append(lat[c], time.Since(t0))
+	e.store = st
+	c, err := upstream.New(upstream.Config{URL: e.up.URL})
+	if err != nil {
+		b.Fatal(err)
+	}
+	e.fills = upstream.NewFiller(st, upstream.FillerOptions{Logger: log})
+	p := upstream.NewProxy(c, st, e.fills, upstream.ProxyOptions{Logger: log, TagTTL: testTagTTL, Now: e.clock.Now})
+	pm, err := push.New(push.Config{Store: st, Logger: log, ReadOnly: true})
+	if err != nil {
+		b.Fatal(err)
+	}
+	s, err := New(Config{Store: st, Upstreams: []Upstream{{Proxy: p}}, Logger: log, Push: pm,
+		StoreStats: func() StoreStats { return StoreStats{} }, Observer: NewObserver()})
+	if err != nil {
+		b.Fatal(err)
+	}
+	e.srv = httptest.NewServer(s.Handler())
+	b.Cleanup(func() {
+		e.srv.Close()
+		e.fills.Close()
+		pm.Close()
+		st.Close()
+	})
+	img, _ := random.Image(1024, 2)
+	e.pushImage(b, img, "team/app:v1")
+	rec := httptest.NewRecorder()
+	s.Handler().ServeHTTP(rec, manifestRequest(e.url("/v2/team/app/manifests/v1")))
+	if rec.Code != http.StatusOK {
+		b.Fatalf("first pull: %d %s", rec.Code, rec.Body)
+	}
+	return e, s
+}
+
+func manifestRequest(url string) *http.Request {
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	req.Header["Accept"] = manifestAccept
+	return req
+}
+
+// BenchmarkWarmManifestByTag: 64 connections on loopback pull one cached,
+// fresh manifest by tag, as slipbench's warm-manifest scenario does. The
+// client's work is in ns/op and allocs/op too; BenchmarkWarmManifestHandler
+// has the server's alone.
+func BenchmarkWarmManifestByTag(b *testing.B) {
+	for _, level := range []slog.Level{slog.LevelWarn, slog.LevelInfo} {
+		b.Run("log="+strings.ToLower(level.String()), func(b *testing.B) {
+			e, _ := newManifestBenchEnv(b, level)
+			url := e.url("/v2/team/app/manifests/v1")
+			before := e.up.countPrefix("", "")
+			const conns = 64
+			b.ResetTimer()
+			lat := make([][]time.Duration, conns)
+			start := time.Now()
+			var wg sync.WaitGroup
+			for c := 0; c < conns; c++ {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					buf := make([]byte, 64<<10)
+					for i := c; i < b.N; i += conns {
+						t0 := time.Now()
+						if err := drainManifest(url, buf); err != nil {
+							b.Error(err)
+							return
+						}
+						lat[c] = append(lat[c], time.Since(t0))
+					}
+				}()
 			}
-		}()
+			wg.Wait()
+			elapsed := time.Since(start)
+			var all []time.Duration
+			for _, l := range lat {
+				all = append(all, l...)
+			}
+			sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+			if len(all) > 0 {
+				b.ReportMetric(float64(len(all))/elapsed.Seconds(), "req/s")
+				b.ReportMetric(float64(all[len(all)/2].Microseconds())/1000, "p50-ms")
+				b.ReportMetric(float64(all[len(all)*99/100].Microseconds())/1000, "p99-ms")
+			}
+			b.ReportMetric(float64(e.up.countPrefix("", "")-before), "upstream-reqs")
+		})
 	}
-	wg.Wait()
-	elapsed := time.Since(start)
-	var all []time.Duration
-	for _, l := range lat {
-		all = append(all, l...)
+}
+
+func drainManifest(url string, buf []byte) error {
+	resp, err := benchClient.Do(manifestRequest(url))
+	if err != nil {
+		return err
 	}
-	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
-	if len(all) > 0 {
-		b.ReportMetric(float64(len(all))/elapsed.Seconds(), "req/s")
-		b.ReportMetric(float64(all[len(all)/2].Microseconds())/1000, "p50-ms")
-		b.ReportMetric(float64(all[len(all)*99/100].Microseconds())/1000, "p99-ms")
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("status %d", resp.StatusCode)
 	}
-	b.ReportMetric(float64(e.up.countPrefix("", "")-before), "upstream-reqs")
+	_, err = io.CopyBuffer(io.Discard, resp.Body, buf)
+	return err
+}
+
+// BenchmarkWarmManifestHandler is the server's own work for a warm pull
+// by tag: the handler chain (middleware, routing, the tag and manifest
+// from the cache, headers, metrics, the access line) without net/http or
+// a client. Its allocs/op are the server's per request.
+func BenchmarkWarmManifestHandler(b *testing.B) {
+	for _, level := range []slog.Level{slog.LevelWarn, slog.LevelInfo} {
+		b.Run("log="+strings.ToLower(level.String()), func(b *testing.B) {
+			e, s := newManifestBenchEnv(b, level)
+			h := s.Handler()
+			url := e.url("/v2/team/app/manifests/v1")
+			b.ReportAllocs()
+			b.ResetTimer()
+			b.RunParallel(func(pb *testing.PB) {
+				req := manifestRequest(url)
+				w := &benchWriter{h: http.Header{}}
+				for pb.Next() {
+					clear(w.h)
+					w.status = 0
+					h.ServeHTTP(w, req)
+					if w.status != http.StatusOK {
+						b.Errorf("status %d", w.status)
+						return
+					}
+				}
+			})
+		})
+	}
+}
+
+// benchWriter is the least a ResponseWriter can be.
+type benchWriter struct {
+	h      http.Header
+	status int
+}
+
+func (w *benchWriter) Header() http.Header { return w.h }
+func (w *benchWriter) WriteHeader(s int) {
+	if w.status == 0 {
+		w.status = s
+	}
+}
+func (w *benchWriter) Write(p []byte) (int, error) {
+	w.WriteHeader(http.StatusOK)
+	return len(p), nil
 }
 
 // BenchmarkColdFill: one client's cold time on one blob, then 32 clients

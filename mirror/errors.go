@@ -256,12 +256,13 @@ type errorEntry struct {
 // handleError is echo's HTTPErrorHandler: the one place that turns an error
 // into a response and logs it.
 func (s *Server) handleError(err error, c echo.Context) {
+	rq := requestOf(c)
 	kind := routeBase
-	if r, ok := c.Get(ctxRoute).(route); ok {
-		kind = r.kind
+	if rq.hasRoute {
+		kind = rq.route.kind
 	}
 	oe := toOCI(err, kind)
-	c.Set(ctxError, err)
+	rq.err = err
 	if c.Response().Committed {
 		return
 	}

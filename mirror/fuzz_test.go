@@ -3,6 +3,7 @@ package mirror
 import (
 	"math"
 	"net/http"
+	"regexp"
 	"strconv"
 	"strings"
 	"testing"
@@ -12,6 +13,45 @@ import (
 
 // Fuzz targets. `go test` runs their seeds (here and in testdata/fuzz) as
 // ordinary tests; `bash .ci/fuzz` fuzzes each for a bounded time.
+
+// The distribution spec's grammar, as the spec writes it: the oracle of
+// the hand-written validName and validTag.
+var (
+	nameRe = regexp.MustCompile(`^[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|[-]+)[a-z0-9]+)*)*$`)
+	tagRe  = regexp.MustCompile(`^[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}$`)
+)
+
+// nameCases are names and tags of every shape the grammar has an opinion on.
+var nameCases = []string{
+	"", "a", "A", "alpine", "library/alpine", "a/b/c", "a-b", "a--b", "a---b", "a_b", "a__b", "a___b",
+	"a.b", "a..b", "a._b", "a_.b", "a-.b", "a.-b", "a-_b", "-a", "a-", "_a", "a_", ".a", "a.", "/a", "a/",
+	"a//b", "a/-b", "a/b-", "0", "9z", "ab.c-d_e__f", "a b", "a\x00b", "é", "a/b/c/d/e/f/g/h", "UPPER",
+	"v1.2.3", "v1.2.3-rc.1_x", "_", "__", "-", ".", strings.Repeat("a", 128), strings.Repeat("a", 129),
+	"sha256-" + strings.Repeat("0", 64), "a:b", "a@b", "a+b",
+}
+
+// validName and validTag say what the spec's regexps say.
+func TestValidNameAndTagAreTheGrammar(t *testing.T) {
+	for _, s := range nameCases {
+		checkNameAndTag(t, s)
+	}
+}
+
+func FuzzValidNameAndTag(f *testing.F) {
+	for _, s := range nameCases {
+		f.Add(s)
+	}
+	f.Fuzz(checkNameAndTag)
+}
+
+func checkNameAndTag(t *testing.T, s string) {
+	if got, want := validName(s), nameRe.MatchString(s); got != want {
+		t.Errorf("validName(%q) = %v, the grammar says %v", s, got, want)
+	}
+	if got, want := validTag(s), tagRe.MatchString(s); got != want {
+		t.Errorf("validTag(%q) = %v, the grammar says %v", s, got, want)
+	}
+}
 
 func FuzzParseRoute(f *testing.F) {
 	d := "sha256:" + strings.Repeat("a", 64)
@@ -36,6 +76,9 @@ func FuzzParseRoute(f *testing.F) {
 		case routeBase, routeCatalog:
 			return
 		}
+		if p := routePath(r); p != path && p+"/" != path {
+			t.Fatalf("%q: read as %+v, which is %q", path, r, p)
+		}
 		if len(r.name) > maxNameLen || !nameRe.MatchString(r.name) {
 			t.Fatalf("%q: accepted name %q", path, r.name)
 		}
@@ -57,6 +100,15 @@ func FuzzParseRoute(f *testing.F) {
 			}
 		}
 	})
+}
+
+// routePath is the path of r: the name and the route's own segments (an
+// upload session's start may also end in a slash).
+func routePath(r route) string {
+	tail := map[routeKind]string{routeManifest: "manifests/" + r.ref, routeBlob: "blobs/" + string(r.digest),
+		routeUploads: "blobs/uploads", routeUpload: "blobs/uploads/" + r.upload, routeTags: "tags/list",
+		routeReferrers: "referrers/" + string(r.digest)}[r.kind]
+	return "/v2/" + r.name + "/" + tail
 }
 
 func checkDigest(t *testing.T, path string, d digest.Digest) {

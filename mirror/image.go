@@ -82,7 +82,7 @@ func ParseImage(s string) (ImageRef, error) {
 		}
 	case name.Tag:
 		r.Ref = ref.TagStr()
-		if !tagRe.MatchString(r.Ref) {
+		if !validTag(r.Ref) {
 			return ImageRef{}, bad(codeTagInvalid, "invalid tag", r.Ref)
 		}
 	}

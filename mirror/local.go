@@ -23,13 +23,20 @@ import (
 // sourceLocal marks, in the request log, an answer from a local repository.
 const sourceLocal upstream.Source = "local"
 
+// setLocal records that a local repository answered, for the log line and
+// metrics (unlike setSource, it sends no X-Slipway-Cache).
+func setLocal(c echo.Context) {
+	rq := requestOf(c)
+	rq.src, rq.hasSrc = sourceLocal, true
+}
+
 // getLocalManifest serves (GET) or describes (HEAD) a pushed manifest.
 func (s *Server) getLocalManifest(c echo.Context, repo string, r route) error {
 	m, err := s.push.Manifest(repo, r.ref)
 	if err != nil {
 		return err
 	}
-	c.Set(ctxSource, sourceLocal)
+	setLocal(c)
 	return writeManifest(c, m)
 }
 
@@ -44,14 +51,14 @@ func (s *Server) getLocalBlob(c echo.Context, repo string, r route) error {
 		if err != nil {
 			return err
 		}
-		c.Set(ctxSource, sourceLocal)
+		setLocal(c)
 		return serveBlob(c, r.digest, b, fetch)
 	}
 	if err != nil {
 		return err
 	}
 	defer f.Close()
-	c.Set(ctxSource, sourceLocal)
+	setLocal(c)
 	serveBlobFile(c, r.digest, f)
 	return nil
 }
@@ -62,7 +69,7 @@ func (s *Server) headLocalBlob(c echo.Context, repo string, r route) error {
 	if err != nil {
 		return err
 	}
-	c.Set(ctxSource, sourceLocal)
+	setLocal(c)
 	setDescriptorHeaders(c.Response().Header(), r.digest, info.Size, "application/octet-stream")
 	return c.NoContent(http.StatusOK)
 }

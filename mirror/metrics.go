@@ -1,9 +1,13 @@
 package mirror
 
 import (
+	"maps"
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/labstack/echo/v4"
 	"github.com/prometheus/client_golang/prometheus"
@@ -39,6 +43,97 @@ type metrics struct {
 	reloads  *prometheus.CounterVec // result
 	reloadOK prometheus.Gauge
 	reloadAt prometheus.Gauge
+
+	// The series answered requests count in, by what labels them, found
+	// once: WithLabelValues hashes and compares every label value on each
+	// call, four calls a request. Each is made when the first request of
+	// its kind is counted, as WithLabelValues would make it, so the keys
+	// are bounded as the series are. Read without a lock; a new kind
+	// copies the map under seriesMu.
+	series   atomic.Pointer[map[seriesKey]*series]
+	seriesMu sync.Mutex
+}
+
+// seriesKey is what decides an answered request's series.
+type seriesKey struct {
+	route, method string // the route label, methodLabel
+	status        int
+	src           upstream.Source
+	hasSrc, local bool // local: a local repository answered without a source
+}
+
+type series struct {
+	requests prometheus.Counter
+	duration prometheus.Observer
+	results  prometheus.Counter // nil: not a manifest or blob answer with a source
+	// bytes, made at the first answer of this kind with a body (with
+	// none, slipway_served_bytes_total has no series for it yet).
+	bytes     atomic.Pointer[prometheus.Counter]
+	bytesVec  *prometheus.CounterVec
+	bytesFrom string // its source label
+}
+
+// seriesOf returns the series of the request rq (on route routeName).
+func (m *metrics) seriesOf(c echo.Context, rq *request, routeName string) *series {
+	k := seriesKey{route: routeName, method: methodLabel(c.Request().Method), status: c.Response().Status,
+		src: rq.src, hasSrc: rq.hasSrc, local: !rq.hasSrc && rq.hasTarget && rq.target.local}
+	if all := m.series.Load(); all != nil {
+		if s, ok := (*all)[k]; ok {
+			return s
+		}
+	}
+	m.seriesMu.Lock()
+	defer m.seriesMu.Unlock()
+	var old map[seriesKey]*series
+	if p := m.series.Load(); p != nil {
+		old = *p
+	}
+	if s, ok := old[k]; ok {
+		return s
+	}
+	result := "none"
+	switch {
+	case k.hasSrc:
+		result = string(k.src)
+	case k.local:
+		result = "local"
+	}
+	s := &series{
+		requests:  m.requests.WithLabelValues(k.route, k.method, strconv.Itoa(k.status)),
+		duration:  m.duration.WithLabelValues(k.route, k.method, result),
+		bytesVec:  m.bytes,
+		bytesFrom: servedFrom(k.src),
+	}
+	if k.hasSrc && (k.route == "manifest" || k.route == "blob") {
+		s.results = m.results.WithLabelValues(k.route, string(k.src))
+	}
+	all := make(map[seriesKey]*series, len(old)+1)
+	maps.Copy(all, old)
+	all[k] = s
+	m.series.Store(&all)
+	return s
+}
+
+// addBytes counts n bytes served.
+func (s *series) addBytes(n int64) {
+	c := s.bytes.Load()
+	if c == nil {
+		made := s.bytesVec.WithLabelValues(s.bytesFrom)
+		s.bytes.CompareAndSwap(nil, &made)
+		c = s.bytes.Load()
+	}
+	(*c).Add(float64(n))
+}
+
+// servedFrom is slipway_served_bytes_total's source label of an answer.
+func servedFrom(src upstream.Source) string {
+	switch src {
+	case upstream.SourceHit, upstream.SourceRevalidated, upstream.SourceStale:
+		return "cache"
+	case upstream.SourceMiss, upstream.SourceJoined, upstream.SourceUpstream:
+		return "upstream"
+	}
+	return "local"
 }
 
 func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs *Observer) *metrics {
@@ -67,31 +162,26 @@ func newMetrics(s *Server, fills *upstream.Filler, stats func() StoreStats, obs 
 	return m
 }
 
-// observe records one answered request; logRequests calls it.
-func (m *metrics) observe(c echo.Context, routeName string, src upstream.Source, hasSrc bool) {
+// observe records one answered request, which took d; logRequest calls
+// it. Every label is bounded: the route kind, the method as methodLabel
+// gives it, the status, and the cache result (a Source, "local" for a
+// pushed repository, or "none").
+func (m *metrics) observe(c echo.Context, rq *request, routeName string, d time.Duration) {
 	req := c.Request()
 	status := c.Response().Status
-	m.requests.WithLabelValues(routeName, methodLabel(req.Method), strconv.Itoa(status)).Inc()
+	s := m.seriesOf(c, rq, routeName)
+	s.requests.Inc()
+	s.duration.Observe(d.Seconds())
 	if routeName != "manifest" && routeName != "blob" {
 		return
 	}
-	if hasSrc {
-		m.results.WithLabelValues(routeName, string(src)).Inc()
+	if s.results != nil {
+		s.results.Inc()
 	}
-	if req.Method != http.MethodGet || c.Response().Size == 0 {
+	if req.Method != http.MethodGet || c.Response().Size == 0 || (!rq.hasSrc && status >= 300) {
 		return
 	}
-	source := "local"
-	switch src {
-	case upstream.SourceHit, upstream.SourceRevalidated, upstream.SourceStale:
-		source = "cache"
-	case upstream.SourceMiss, upstream.SourceJoined, upstream.SourceUpstream:
-		source = "upstream"
-	}
-	if !hasSrc && status >= 300 {
-		return
-	}
-	m.bytes.WithLabelValues(source).Add(float64(c.Response().Size))
+	s.addBytes(c.Response().Size)
 }
 
 func (m *metrics) noteReload(err error) {
@@ -181,9 +271,9 @@ func (sc *scrapeCollector) Collect(ch chan<- prometheus.Metric) {
 
 // routeLabel names a request's route for metrics and logs: the /v2/ route
 // kind, or the echo path of the other endpoints.
-func routeLabel(c echo.Context) string {
-	if r, ok := c.Get(ctxRoute).(route); ok {
-		return r.kind.String()
+func routeLabel(c echo.Context, rq *request) string {
+	if rq.hasRoute {
+		return rq.route.kind.String()
 	}
 	p := c.Path()
 	switch {
@@ -203,6 +293,22 @@ func routeLabel(c echo.Context) string {
 // and metrics, and tells the client in X-Slipway-Cache (slipway prefetch
 // reads it to report what was already cached).
 func setSource(c echo.Context, src upstream.Source) {
-	c.Set(ctxSource, src)
-	c.Response().Header().Set("X-Slipway-Cache", string(src))
+	rq := requestOf(c)
+	rq.src, rq.hasSrc = src, true
+	v, ok := sourceHeaders[src]
+	if !ok {
+		v = []string{string(src)}
+	}
+	c.Response().Header()["X-Slipway-Cache"] = v
 }
+
+// sourceHeaders are X-Slipway-Cache's values, one slice for every response
+// (their capacity is their length: an Add copies).
+var sourceHeaders = func() map[upstream.Source][]string {
+	m := map[upstream.Source][]string{}
+	for _, src := range []upstream.Source{upstream.SourceHit, upstream.SourceRevalidated, upstream.SourceStale,
+		upstream.SourceMiss, upstream.SourceJoined, upstream.SourceUpstream, sourceLocal} {
+		m[src] = []string{string(src)}
+	}
+	return m
+}()

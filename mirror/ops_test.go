@@ -2,6 +2,7 @@ package mirror
 
 import (
 	"bufio"
+	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
@@ -261,5 +262,128 @@ func TestReadinessNeedsWritableDataDir(t *testing.T) {
 	defer os.Chmod(e.store.Dir(), 0o700)
 	if resp, body := getBody(t, e.url("/readyz")); resp.StatusCode != http.StatusServiceUnavailable {
 		t.Errorf("GET /readyz with a read-only data dir: %s %q, want 503", resp.Status, body)
+	}
+}
+
+// Many clients at once, on answers of several kinds (hits, 404s, HEADs,
+// the base route): every request is counted once in its own series, its
+// latency too, and bytes only for what had a body.
+func TestMetricsCountConcurrentRequestsOnce(t *testing.T) {
+	e := newOpsEnv(t, nil)
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.up.pushImageTo(t, img, "team/app:v1")
+	manURL := e.url("/v2/up/team/app/manifests/v1")
+	resp, body := getBody(t, manURL) // the miss, before the counting starts
+	if resp.StatusCode != http.StatusOK {
+		t.Fatalf("first pull: %s", resp.Status)
+	}
+	before := scrape(t, e.url("/metrics"))
+	const clients, each = 8, 25
+	var wg sync.WaitGroup
+	for c := 0; c < clients; c++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < each; i++ {
+				for _, r := range []struct{ method, url string }{
+					{http.MethodGet, manURL}, {http.MethodHead, manURL},
+					{http.MethodGet, e.url("/v2/up/team/app/manifests/nope")}, {http.MethodGet, e.url("/v2/")},
+				} {
+					req, _ := http.NewRequest(r.method, r.url, nil)
+					resp, err := http.DefaultClient.Do(req)
+					if err != nil {
+						t.Error(err)
+						return
+					}
+					io.Copy(io.Discard, resp.Body)
+					resp.Body.Close()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	after := scrape(t, e.url("/metrics"))
+	n := float64(clients * each)
+	for k, want := range map[string]float64{
+		`slipway_http_requests_total{method="GET",route="manifest",status="200"}`:                 n,
+		`slipway_http_requests_total{method="HEAD",route="manifest",status="200"}`:                n,
+		`slipway_http_requests_total{method="GET",route="manifest",status="404"}`:                 n,
+		`slipway_http_requests_total{method="GET",route="base",status="200"}`:                     n,
+		`slipway_cache_results_total{kind="manifest",result="hit"}`:                               2 * n,
+		`slipway_served_bytes_total{source="cache"}`:                                              n * float64(len(body)),
+		`slipway_http_request_duration_seconds_count{cache="hit",method="GET",route="manifest"}`:  n,
+		`slipway_http_request_duration_seconds_count{cache="hit",method="HEAD",route="manifest"}`: n,
+		`slipway_http_request_duration_seconds_count{cache="none",method="GET",route="base"}`:     n,
+	} {
+		if got := after[k] - before[k]; got != want {
+			t.Errorf("%s moved by %v, want %v", k, got, want)
+		}
+	}
+}
+
+// A request's log line holds what it always held, in the same order: the
+// request, its route and answer, where its name went, how the cache
+// answered, and the error.
+func TestRequestLogLine(t *testing.T) {
+	var out syncBuffer
+	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{ReplaceAttr: func(_ []string, a slog.Attr) slog.Attr {
+		switch a.Key {
+		case slog.TimeKey:
+			return slog.Attr{}
+		case "dur":
+			return slog.String("dur", "D")
+		}
+		return a
+	}}))
+	e := newOpsEnv(t, func(c *Config) { c.Logger = log })
+	img, err := random.Image(512, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	e.up.pushImageTo(t, img, "team/app:v1")
+	get := func(path, id string) int64 {
+		req, _ := http.NewRequest(http.MethodGet, e.url(path), nil)
+		req.Header.Set("X-Request-ID", id)
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, _ := io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if got := resp.Header.Get("X-Request-Id"); got != id {
+			t.Errorf("X-Request-Id %q, want %q", got, id)
+		}
+		return n
+	}
+	n := get("/v2/up/team/app/manifests/v1?x=1", "id-1")
+	get("/v2/up/team/app/manifests/v1", "id-2")
+	get("/v2/up/team/app/manifests/Bad!", "id-3")
+	get("/v2/", "id-4")
+	host := e.up.host
+	want := []string{
+		fmt.Sprintf(`level=INFO msg=request request_id=id-1 method=GET path=/v2/up/team/app/manifests/v1 query="x=1" route=manifest status=200 bytes=%d dur=D upstream=%s repo=team/app cache=miss`, n, host),
+		fmt.Sprintf(`level=INFO msg=request request_id=id-2 method=GET path=/v2/up/team/app/manifests/v1 route=manifest status=200 bytes=%d dur=D upstream=%s repo=team/app cache=hit`, n, host),
+		`level=INFO msg=request request_id=id-3 method=GET path=/v2/up/team/app/manifests/Bad! route=unknown status=400 bytes=`,
+		`level=INFO msg=request request_id=id-4 method=GET path=/v2/ route=base status=200 bytes=2 dur=D`,
+	}
+	var got []string
+	for _, l := range strings.Split(strings.TrimSpace(out.String()), "\n") {
+		if strings.Contains(l, "msg=request") {
+			got = append(got, l)
+		}
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d request lines, want %d:\n%s", len(got), len(want), out.String())
+	}
+	for i := range want {
+		if !strings.HasPrefix(got[i], want[i]) {
+			t.Errorf("line %d:\n got %s\nwant %s", i, got[i], want[i])
+		}
+	}
+	if !strings.Contains(got[2], " dur=D err=") {
+		t.Errorf("the refused request's line has no error after its duration: %s", got[2])
 	}
 }

@@ -123,7 +123,8 @@ func (s *Server) forwardUpload(c echo.Context, owner string) error {
 	if !ok {
 		return newError(codeUnavailable, "the replica that holds this upload session is unavailable; start the upload again")
 	}
-	c.Set(ctxSource, upstream.Source("peer "+addr))
+	rq := requestOf(c)
+	rq.src, rq.hasSrc = upstream.Source("peer "+addr), true
 	var failed error
 	rp := &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {

@@ -54,7 +54,7 @@ func (s *Server) postPrefetch(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	ns := c.QueryParam("ns") // echo.Context is not for other goroutines
+	ns := nsParam(c) // echo.Context is not for other goroutines
 	// The work is the server's, not the client's: a CI job that gives up
 	// still leaves the fills running to completion.
 	ctx := context.WithoutCancel(c.Request().Context())
@@ -90,7 +90,7 @@ func readPrefetch(c echo.Context, what string) (PrefetchRequest, []ImageRef, *v1
 			return req, nil, nil, newError(codeAdminInvalid, "platform: "+err.Error())
 		}
 	}
-	ns := c.QueryParam("ns")
+	ns := nsParam(c)
 	refs := make([]ImageRef, len(req.Images))
 	for i, image := range req.Images {
 		r, err := ParseImage(image)

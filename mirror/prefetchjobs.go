@@ -269,7 +269,7 @@ func (s *Server) postPrefetchJob(c echo.Context) error {
 	if err := s.jobs.add(j, now); err != nil {
 		return err
 	}
-	ns := c.QueryParam("ns")
+	ns := nsParam(c)
 	go func() {
 		defer s.jobs.wg.Done()
 		s.prefetchAll(s.jobs.ctx, ns, req.Images, refs, plat, func(i int) *prefetchProgress {

@@ -2,7 +2,6 @@ package mirror
 
 import (
 	"io"
-	"mime"
 	"net/http"
 	"slices"
 	"strconv"
@@ -24,13 +23,29 @@ import (
 func accepts(r *http.Request) []string {
 	var out []string
 	for _, h := range r.Header.Values("Accept") {
-		for _, a := range strings.Split(h, ",") {
-			mt, _, err := mime.ParseMediaType(strings.TrimSpace(a))
-			if err != nil {
+		if slices.Contains(upstream.AcceptedTypes, h) {
+			// A line that is one known type, as Docker and containerd
+			// send them: it covers itself alone.
+			if !slices.Contains(out, h) {
+				if out == nil {
+					out = make([]string, 0, len(upstream.AcceptedTypes))
+				}
+				out = append(out, h)
+			}
+			continue
+		}
+		for h != "" {
+			var a string
+			a, h, _ = strings.Cut(h, ",")
+			mt, ok := upstream.MediaRange(a)
+			if !ok {
 				continue
 			}
 			for _, known := range upstream.AcceptedTypes {
-				if upstream.Acceptable(known, []string{mt}) && !slices.Contains(out, known) {
+				if upstream.Covers(mt, known) && !slices.Contains(out, known) {
+					if out == nil {
+						out = make([]string, 0, len(upstream.AcceptedTypes))
+					}
 					out = append(out, known)
 				}
 			}
@@ -69,16 +84,25 @@ func writeManifest(c echo.Context, m cache.Manifest) error {
 	return c.Blob(http.StatusOK, m.MediaType, m.Bytes)
 }
 
+// setDescriptorHeaders sets the headers that describe content: its media
+// type, length, digest and ETag (each only if known). The values share one
+// array, as http.Header.Clone makes them: each slice's capacity is its
+// length, so an Add to one copies it rather than writing over the next.
 func setDescriptorHeaders(h http.Header, d digest.Digest, size int64, mediaType string) {
+	vals := make([]string, 0, 4)
+	set := func(canonicalKey, v string) {
+		vals = append(vals, v)
+		h[canonicalKey] = vals[len(vals)-1 : len(vals) : len(vals)]
+	}
 	if mediaType != "" {
-		h.Set(echo.HeaderContentType, mediaType)
+		set("Content-Type", mediaType)
 	}
 	if size >= 0 {
-		h.Set(echo.HeaderContentLength, strconv.FormatInt(size, 10))
+		set("Content-Length", strconv.FormatInt(size, 10))
 	}
 	if d != "" {
-		h.Set("Docker-Content-Digest", string(d))
-		h.Set("ETag", etag(d))
+		set("Docker-Content-Digest", string(d))
+		set("Etag", etag(d))
 	}
 }
 
@@ -217,7 +241,7 @@ func streamBlob(c echo.Context, d digest.Digest, r io.Reader, size int64) error 
 	// so bytes leave as they arrive, copied by the kernel.
 	_, err := io.Copy(sendfileWriter{c.Response()}, r)
 	if err != nil {
-		c.Set(ctxError, err)
+		requestOf(c).err = err
 		panic(http.ErrAbortHandler)
 	}
 	return nil

@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -864,6 +865,35 @@ func TestRangeOfAnUncachedBlobIsServedOnceStored(t *testing.T) {
 		resp.Body.Close()
 		if resp.StatusCode != http.StatusPartialContent || !bytes.Equal(body, b[10:20]) {
 			t.Fatalf("blob %d: Range of an uncached blob: %d %s", i, resp.StatusCode, body)
+		}
+	}
+}
+
+// The client's Accept lines become the manifest types slipway knows, each
+// once, in the client's order; ranges stand for every type they cover.
+func TestAcceptsKnownTypesOnce(t *testing.T) {
+	const (
+		oci   = "application/vnd.oci.image.manifest.v1+json"
+		index = "application/vnd.oci.image.index.v1+json"
+		d2    = "application/vnd.docker.distribution.manifest.v2+json"
+	)
+	for _, c := range []struct {
+		lines []string
+		want  []string
+	}{
+		{nil, nil},
+		{[]string{""}, nil},
+		{[]string{"text/html"}, nil},
+		{[]string{oci, index}, []string{oci, index}},
+		{[]string{oci + ", " + d2 + ";q=0.5", oci}, []string{oci, d2}},
+		{[]string{",," + strings.ToUpper(index) + ",garbage/,"}, []string{index}},
+		{[]string{d2, "application/*"}, append([]string{d2}, slices.DeleteFunc(slices.Clone(upstream.AcceptedTypes), func(s string) bool { return s == d2 })...)},
+		{[]string{"*/*"}, upstream.AcceptedTypes},
+	} {
+		r := httptest.NewRequest(http.MethodGet, "/v2/a/manifests/v1", nil)
+		r.Header["Accept"] = c.lines
+		if got := accepts(r); !slices.Equal(got, c.want) {
+			t.Errorf("Accept %q: %q, want %q", c.lines, got, c.want)
 		}
 	}
 }

@@ -32,7 +32,7 @@ func (s *Server) resolveWrite(c echo.Context, name string) (string, error) {
 	if s.push == nil || s.push.ReadOnly() {
 		return "", errPushDisabled
 	}
-	if ns := c.QueryParam("ns"); ns != "" {
+	if ns := nsParam(c); ns != "" {
 		return "", newError(codeDenied, fmt.Sprintf("?ns=%s names an upstream; pushes go only to local repositories", ns))
 	}
 	rt := s.routing.Load()
@@ -115,7 +115,7 @@ func (s *Server) mountSource(c echo.Context, from string) *push.Source {
 	if validateName(from) != nil {
 		return nil
 	}
-	t, err := s.resolveNS(c.QueryParam("ns"), from)
+	t, err := s.resolveNS(nsParam(c), from)
 	if err != nil || s.permit(t, "") != nil {
 		return nil
 	}
@@ -221,7 +221,7 @@ func (s *Server) putManifest(c echo.Context, r route) error {
 	}
 	tags := c.QueryParams()["tag"]
 	for _, t := range tags {
-		if !tagRe.MatchString(t) {
+		if !validTag(t) {
 			return errTagInvalid
 		}
 	}

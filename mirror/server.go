@@ -5,11 +5,12 @@
 package mirror
 
 import (
-	"crypto/rand"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"strings"
 	"sync/atomic"
@@ -137,15 +138,32 @@ func (s *Server) Reload(ups []Upstream, def int, auth *Auth) error {
 // for slipway_config_reloads_total and the last-reload gauges.
 func (s *Server) NoteReload(err error) { s.metrics.noteReload(err) }
 
-// Keys of values handlers leave in echo.Context for the log line and the
-// error handler.
-const (
-	ctxRoute     = "slipway.route"
-	ctxError     = "slipway.error"
-	ctxSource    = "slipway.source"
-	ctxRequestID = "slipway.request_id"
-	ctxTarget    = "slipway.target" // where the name resolved to, for the log
-)
+// request is the echo.Context a request is served with (echo's "custom
+// context"), holding what its handlers leave for its log line, its metrics
+// and the error handler. logRequest makes it: values in echo's own store
+// cost a map for every request and an allocation each.
+type request struct {
+	echo.Context
+	route     route
+	hasRoute  bool
+	target    target // where the name resolved to, for the log
+	hasTarget bool
+	src       upstream.Source // how a proxied request was answered
+	hasSrc    bool
+	user      string // who authenticated
+	hasUser   bool
+	err       error // what the error handler answered, or why a response was cut
+}
+
+// requestOf is c's request: c itself when logRequest made it. A context
+// that did not come through logRequest (echo hands the error handler its
+// own when the middleware fails) gets one of its own, kept by nobody.
+func requestOf(c echo.Context) *request {
+	if rq, ok := c.(*request); ok {
+		return rq
+	}
+	return &request{Context: c}
+}
 
 // New builds the server.
 func New(cfg Config) (*Server, error) {
@@ -165,7 +183,7 @@ func New(cfg Config) (*Server, error) {
 	e := echo.New()
 	e.HideBanner, e.HidePort = true, true
 	e.HTTPErrorHandler = s.handleError
-	e.Use(s.recoverPanics, s.logRequests, apiVersion, s.authenticate)
+	e.Use(s.front)
 	e.GET("/healthz", s.getHealthz)
 	e.GET("/readyz", s.getReadyz)
 	e.GET("/metrics", echo.WrapHandler(s.metrics.handler()))
@@ -204,7 +222,8 @@ func (s *Server) dispatch(c echo.Context) error {
 	if err != nil {
 		return err
 	}
-	c.Set(ctxRoute, r)
+	rq := requestOf(c)
+	rq.route, rq.hasRoute = r, true
 	m := c.Request().Method
 	if b := c.Request().Body; b != nil && b != http.NoBody {
 		c.Request().Body = bodyReader{b}
@@ -285,16 +304,26 @@ type target struct {
 // pass its upstream's pull-through policy, whatever spelling of the name
 // brought it here. Where it went is noted for the request's log line.
 func (s *Server) resolve(c echo.Context, r route) (target, error) {
-	t, err := s.resolveNS(c.QueryParam("ns"), r.name)
+	t, err := s.resolveNS(nsParam(c), r.name)
 	if err != nil {
 		return t, err
 	}
-	c.Set(ctxTarget, t)
+	rq := requestOf(c)
+	rq.target, rq.hasTarget = t, true
 	tag := ""
 	if r.kind == routeManifest && r.digest == "" {
 		tag = r.ref
 	}
 	return t, s.permit(t, tag)
+}
+
+// nsParam is the request's ?ns=, "" without one. A request with no query
+// has none: echo's QueryParam would parse the empty query into a map.
+func nsParam(c echo.Context) string {
+	if c.Request().URL.RawQuery == "" {
+		return ""
+	}
+	return c.QueryParam("ns")
 }
 
 // permit applies t's pull-through policy: to repo:tag, or with tag empty
@@ -360,93 +389,124 @@ func (s *Server) targetOf(u *Upstream, repo string) (target, error) {
 	return target{up: u, repo: repo}, nil
 }
 
-func apiVersion(next echo.HandlerFunc) echo.HandlerFunc {
-	return func(c echo.Context) error {
-		c.Response().Header().Set("Docker-Distribution-API-Version", "registry/2.0")
-		return next(c)
-	}
-}
-
-// recoverPanics turns a handler panic into a 500 OCI error instead of a
-// dropped connection. http.ErrAbortHandler passes through: it is how a
-// handler cuts a connection on purpose.
-func (s *Server) recoverPanics(next echo.HandlerFunc) echo.HandlerFunc {
+// front is the middleware of every route. Echo builds the chain anew for
+// each request, so it is one closure rather than one per step: a panic
+// becomes a 500 (recoverPanic), then logRequest serves the request through
+// serveAPI (the API version header, authentication) and writes its log
+// line and metrics.
+func (s *Server) front(next echo.HandlerFunc) echo.HandlerFunc {
 	return func(c echo.Context) (err error) {
-		defer func() {
-			if p := recover(); p != nil {
-				if p == http.ErrAbortHandler {
-					panic(p)
-				}
-				err = fmt.Errorf("panic: %v", p)
-			}
-		}()
-		return next(c)
-	}
-}
-
-// logRequests writes one line per request.
-func (s *Server) logRequests(next echo.HandlerFunc) echo.HandlerFunc {
-	return func(c echo.Context) error {
-		start := time.Now()
-		id := c.Request().Header.Get(echo.HeaderXRequestID)
-		if id == "" || len(id) > 64 {
-			var b [8]byte
-			rand.Read(b[:])
-			id = hex.EncodeToString(b[:])
-		}
-		c.Set(ctxRequestID, id)
-		c.Response().Header().Set(echo.HeaderXRequestID, id)
-		aborted := true
-		defer func() {
-			if !aborted {
-				return
-			}
-			// A handler cut the connection (http.ErrAbortHandler).
-			s.log.Warn("request aborted", "request_id", id, "method", c.Request().Method,
-				"path", c.Request().URL.Path, "bytes", c.Response().Size, "dur", time.Since(start))
-		}()
-		err := next(c)
-		if err != nil {
-			c.Error(err)
-		}
-		aborted = false
-		rl := routeLabel(c)
-		attrs := []any{"request_id", id, "method", c.Request().Method, "path", c.Request().URL.Path}
-		if q := c.Request().URL.RawQuery; q != "" {
-			attrs = append(attrs, "query", q[:min(len(q), 256)])
-		}
-		attrs = append(attrs, "route", rl, "status", c.Response().Status, "bytes", c.Response().Size, "dur", time.Since(start))
-		if t, ok := c.Get(ctxTarget).(target); ok {
-			up := "local"
-			if !t.local {
-				up = t.up.Proxy.Upstream().Host()
-			}
-			attrs = append(attrs, "upstream", up, "repo", t.repo)
-		}
-		src, hasSrc := c.Get(ctxSource).(upstream.Source)
-		if hasSrc {
-			attrs = append(attrs, "cache", string(src))
-		}
-		if u, ok := c.Get(ctxUser).(string); ok {
-			attrs = append(attrs, "user", u)
-		}
-		s.metrics.observe(c, rl, src, hasSrc)
-		s.counters.observe(c, rl, src, hasSrc)
-		s.metrics.observeDuration(c, rl, src, hasSrc, time.Since(start))
-		level := slog.LevelInfo
-		if quiet := c.Request().URL.Path; (publicPaths[quiet] || uiPolled(quiet)) && c.Response().Status == http.StatusOK {
-			level = slog.LevelDebug // probes, scrapes and status pages, every few seconds
-		}
-		if e, ok := c.Get(ctxError).(error); ok {
-			attrs = append(attrs, "err", e.Error())
-			switch status := c.Response().Status; {
-			case status >= 500:
-				level = slog.LevelError
-			case status == http.StatusRequestTimeout:
-				level = slog.LevelWarn // a client that stalled: worth seeing, not an alarm
-			}
-		}
-		s.log.Log(c.Request().Context(), level, "request", attrs...)
+		defer recoverPanic(&err)
+		s.logRequest(c, next)
 		return nil
 	}
+}
+
+// recoverPanic, deferred, turns a handler panic into a 500 OCI error (in
+// *err) instead of a dropped connection. http.ErrAbortHandler passes
+// through: it is how a handler cuts a connection on purpose.
+func recoverPanic(err *error) {
+	if p := recover(); p != nil {
+		if p == http.ErrAbortHandler {
+			panic(p)
+		}
+		*err = fmt.Errorf("panic: %v", p)
+	}
+}
+
+// apiVersion is the header every answer carries. Its value is shared by
+// every response: net/http copies the header map when it writes it, and
+// nothing appends to it in place (its capacity is its length).
+var apiVersion = []string{"registry/2.0"}
+
+// serveAPI sets the API version header, authenticates, and serves.
+func (s *Server) serveAPI(c echo.Context, next echo.HandlerFunc) error {
+	c.Response().Header()["Docker-Distribution-Api-Version"] = apiVersion
+	if err := s.authenticate(c); err != nil {
+		return err
+	}
+	return next(c)
+}
+
+// newRequestID is 16 random hex digits. It names a request in the logs and
+// guards nothing, so it comes from math/rand/v2 (ChaCha8, seeded by the
+// runtime), not crypto/rand: a tenth of a warm manifest GET went to
+// crypto/rand's DRBG.
+func newRequestID() string {
+	var b [8]byte
+	binary.LittleEndian.PutUint64(b[:], rand.Uint64())
+	return hex.EncodeToString(b[:])
+}
+
+// logRequest serves a request with its own context (request), answers its
+// error, counts it in the metrics and writes one line for it: the line's
+// attributes are built only if its level is logged.
+func (s *Server) logRequest(ec echo.Context, next echo.HandlerFunc) {
+	start := time.Now()
+	rq := &request{Context: ec}
+	c := echo.Context(rq)
+	req := c.Request()
+	id := req.Header.Get(echo.HeaderXRequestID)
+	if id == "" || len(id) > 64 {
+		id = newRequestID()
+	}
+	c.Response().Header()["X-Request-Id"] = []string{id}
+	aborted := true
+	defer func() {
+		if !aborted {
+			return
+		}
+		// A handler cut the connection (http.ErrAbortHandler).
+		s.log.Warn("request aborted", "request_id", id, "method", req.Method,
+			"path", req.URL.Path, "bytes", c.Response().Size, "dur", time.Since(start))
+	}()
+	if err := s.serveAPI(c, next); err != nil {
+		s.handleError(err, c) // not c.Error: it hands echo's own context on
+	}
+	aborted = false
+	dur := time.Since(start)
+	rl := routeLabel(c, rq)
+	s.metrics.observe(c, rq, rl, dur)
+	s.counters.observe(rq, rl)
+	status := c.Response().Status
+	level := slog.LevelInfo
+	if quiet := req.URL.Path; (publicPaths[quiet] || uiPolled(quiet)) && status == http.StatusOK {
+		level = slog.LevelDebug // probes, scrapes and status pages, every few seconds
+	}
+	if rq.err != nil {
+		switch {
+		case status >= 500:
+			level = slog.LevelError
+		case status == http.StatusRequestTimeout:
+			level = slog.LevelWarn // a client that stalled: worth seeing, not an alarm
+		}
+	}
+	if !s.log.Enabled(req.Context(), level) {
+		return
+	}
+	// slog.Attr values, not key-value pairs: no value is boxed.
+	var buf [14]slog.Attr
+	attrs := append(buf[:0], slog.String("request_id", id), slog.String("method", req.Method), slog.String("path", req.URL.Path))
+	if q := req.URL.RawQuery; q != "" {
+		attrs = append(attrs, slog.String("query", q[:min(len(q), 256)]))
+	}
+	attrs = append(attrs, slog.String("route", rl), slog.Int("status", status), slog.Int64("bytes", c.Response().Size),
+		slog.Duration("dur", dur))
+	if t := rq.target; rq.hasTarget {
+		up := "local"
+		if !t.local {
+			up = t.up.Proxy.Upstream().Host()
+		}
+		attrs = append(attrs, slog.String("upstream", up), slog.String("repo", t.repo))
+	}
+	if rq.hasSrc {
+		attrs = append(attrs, slog.String("cache", string(rq.src)))
+	}
+	if rq.hasUser {
+		attrs = append(attrs, slog.String("user", rq.user))
+	}
+	if rq.err != nil {
+		attrs = append(attrs, slog.String("err", rq.err.Error()))
+	}
+	s.log.LogAttrs(req.Context(), level, "request", attrs...)
 }

@@ -68,7 +68,7 @@ type fillStatus struct {
 }
 
 // statusCounters are the status page's in-process counters, fed by
-// logRequests with every answered request.
+// logRequest with every answered request.
 type statusCounters struct {
 	hits hitWindow
 
@@ -92,15 +92,15 @@ const (
 
 // observe counts one answered request: its cache result for the hit
 // ratio, and a stale answer against its upstream.
-func (sc *statusCounters) observe(c echo.Context, routeName string, src upstream.Source, hasSrc bool) {
-	if !hasSrc || (routeName != "manifest" && routeName != "blob") {
+func (sc *statusCounters) observe(rq *request, routeName string) {
+	if !rq.hasSrc || (routeName != "manifest" && routeName != "blob") {
 		return
 	}
-	if hit, ok := isHit(src); ok {
+	if hit, ok := isHit(rq.src); ok {
 		sc.hits.note(hit)
 	}
-	t, ok := c.Get(ctxTarget).(target)
-	if src != upstream.SourceStale || !ok || t.local {
+	t := rq.target
+	if rq.src != upstream.SourceStale || !rq.hasTarget || t.local {
 		return
 	}
 	host := t.up.Proxy.Upstream().Host()

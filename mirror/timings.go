@@ -1,9 +1,6 @@
 package mirror
 
 import (
-	"time"
-
-	"github.com/labstack/echo/v4"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"slipway/upstream"
@@ -55,18 +52,4 @@ func (o *Observer) ObserveFill(r upstream.FillReport) {
 // bounded by the configuration.
 func (o *Observer) ObserveUpstreamRequest(r upstream.RequestReport) {
 	o.upstreamDuration.WithLabelValues(r.Upstream).Observe(r.Duration.Seconds())
-}
-
-// observeDuration records how long one answered request took; logRequests
-// calls it. Every label is bounded: the route kind, the method as
-// methodLabel gives it, and the cache result (a Source, "local" for a
-// pushed repository, or "none").
-func (m *metrics) observeDuration(c echo.Context, routeName string, src upstream.Source, hasSrc bool, d time.Duration) {
-	result := "none"
-	if hasSrc {
-		result = string(src)
-	} else if t, ok := c.Get(ctxTarget).(target); ok && t.local {
-		result = "local"
-	}
-	m.duration.WithLabelValues(routeName, methodLabel(c.Request().Method), result).Observe(d.Seconds())
 }

@@ -134,7 +134,7 @@ func (s *Server) getUI(c echo.Context) error {
 	c.Response().Header().Set("Cache-Control", "no-store")
 	p := uiPage{Status: s.status(), Query: c.QueryParam("q"), Cursor: c.QueryParam("cursor"),
 		CanPrefetch: s.mayPull(c)}
-	p.User, _ = c.Get(ctxUser).(string)
+	p.User = requestOf(c).user
 	status := http.StatusOK
 	var oe *ociError
 	repos, err := s.repos(c)
@@ -173,8 +173,7 @@ func (s *Server) getUIStatic(c echo.Context) error {
 // prefetch form (a prefetch is a pull) only then.
 func (s *Server) mayPull(c echo.Context) bool {
 	a := s.routing.Load().auth
-	_, user := c.Get(ctxUser).(string)
-	return a == nil || user || a.anonymousPull
+	return a == nil || requestOf(c).hasUser || a.anonymousPull
 }
 
 // A page of tags, as GET /v2/_slipway/repos answers it and the page

@@ -292,7 +292,9 @@ func (p *Proxy) HeadBlob(ctx context.Context, repo string, d digest.Digest) (Des
 // immutable: once stored it is never asked for again. A tag is served from
 // the cache within its freshness window, then revalidated with a HEAD; if
 // the upstream is down, times out, answers 5xx or 429, the last known
-// manifest is served (stale).
+// manifest is served (stale). The manifest's bytes may be shared with
+// other callers (the cache's copy in memory, a fetch others joined): read
+// them, never change them.
 func (p *Proxy) Manifest(ctx context.Context, repo, ref string, accept []string) (cache.Manifest, Source, error) {
 	if d, err := digest.Parse(ref); err == nil {
 		return p.manifestByDigest(ctx, repo, d, accept)
@@ -301,7 +303,7 @@ func (p *Proxy) Manifest(ctx context.Context, repo, ref string, accept []string)
 }
 
 func (p *Proxy) manifestByDigest(ctx context.Context, repo string, d digest.Digest, accept []string) (cache.Manifest, Source, error) {
-	if m, err := p.store.GetManifest(d); err == nil {
+	if m, err := p.store.GetManifestReadOnly(d); err == nil {
 		if err := p.confirmManifest(ctx, repo, d); err != nil {
 			return cache.Manifest{}, "", err
 		}
@@ -377,7 +379,7 @@ func (p *Proxy) cachedTag(repo, tag string, accept []string) (cache.Manifest, ca
 	if err != nil {
 		return cache.Manifest{}, cache.Tag{}, false
 	}
-	m, err := p.store.GetManifest(t.Digest)
+	m, err := p.store.GetManifestReadOnly(t.Digest)
 	if err != nil || !Acceptable(m.MediaType, accept) {
 		return cache.Manifest{}, cache.Tag{}, false
 	}
@@ -533,7 +535,7 @@ func (p *Proxy) fetchManifest(ctx context.Context, repo, ref string, accept []st
 // tag is resolved exactly as for a GET.
 func (p *Proxy) HeadManifest(ctx context.Context, repo, ref string, accept []string) (Descriptor, Source, error) {
 	if d, err := digest.Parse(ref); err == nil {
-		if m, err := p.store.GetManifest(d); err == nil {
+		if m, err := p.store.GetManifestReadOnly(d); err == nil {
 			if err := p.confirmManifest(ctx, repo, d); err != nil {
 				return Descriptor{}, "", err
 			}
@@ -618,17 +620,57 @@ func withAll(accept []string) []string {
 // Acceptable reports whether media type mt satisfies an Accept list (each
 // entry one media range; parameters ignored). No Accept accepts anything.
 func Acceptable(mt string, accept []string) bool {
-	if len(accept) == 0 {
+	if len(accept) == 0 || slices.Contains(accept, mt) {
 		return true
 	}
 	for _, a := range accept {
-		r, _, err := mime.ParseMediaType(strings.TrimSpace(a))
-		if err != nil {
-			continue
-		}
-		if r == "*/*" || r == mt || (strings.HasSuffix(r, "/*") && strings.HasPrefix(mt, strings.TrimSuffix(r, "*"))) {
+		if r, ok := MediaRange(a); ok && Covers(r, mt) {
 			return true
 		}
 	}
 	return false
 }
+
+// Covers reports whether media range r, as MediaRange reads it, takes
+// media type mt.
+func Covers(r, mt string) bool {
+	return r == "*/*" || r == mt || (strings.HasSuffix(r, "/*") && strings.HasPrefix(mt, strings.TrimSuffix(r, "*")))
+}
+
+// MediaRange reads one Accept entry as mime.ParseMediaType does: the media
+// range lowercased, without its parameters; ok is false if the entry is
+// not one. What clients send, a plain lowercase "type/subtype", is
+// recognised without mime.ParseMediaType, which allocates a map of
+// parameters on every call: a warm pull by tag asks this a dozen times.
+func MediaRange(a string) (string, bool) {
+	a = strings.TrimSpace(a)
+	if slices.Contains(AcceptedTypes, a) || plainMediaType(a) {
+		return a, true
+	}
+	r, _, err := mime.ParseMediaType(a)
+	return r, err == nil
+}
+
+// plainMediaType reports whether s is "type/subtype" in lowercase token
+// characters (RFC 2045), nothing else: mime.ParseMediaType would return it
+// as it is.
+func plainMediaType(s string) bool {
+	slash := -1
+	for i := 0; i < len(s); i++ {
+		switch c := s[i]; {
+		case c == '/' && slash < 0:
+			slash = i
+		case !lowerTokenChar[c]:
+			return false
+		}
+	}
+	return slash > 0 && slash < len(s)-1
+}
+
+// lowerTokenChar marks RFC 2045's token characters but uppercase letters.
+var lowerTokenChar = func() (t [256]bool) {
+	for c := byte('!'); c <= '~'; c++ {
+		t[c] = strings.IndexByte(`()<>@,;:\"/[]?=`, c) < 0 && (c < 'A' || c > 'Z')
+	}
+	return t
+}()

@@ -80,16 +80,19 @@ const sendPiece = 256 << 10
 // in pieces of sendPiece bytes, each with a write deadline window away, so
 // a slow client that keeps reading is never cut. Blob bodies stay on
 // sendfile: each piece is a file section. window <= 0: off.
+//
+// The deadline moves right before each thing that can reach the socket: a
+// piece of the body (Write, ReadFrom), a flush, an informational status,
+// and net/http's flush of what is left once the handler returns. A final
+// status alone writes nothing (net/http keeps it with the body), and net/http
+// clears the deadline after every response, so nothing is set up front: a
+// small response costs two deadline moves, not four.
 func sendGuard(h http.Handler, window time.Duration) http.Handler {
 	if window <= 0 {
 		return h
 	}
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		sw := &stallWriter{ResponseWriter: w, rc: http.NewResponseController(w), window: window}
-		if sw.extend() != nil { // the connection has no deadlines
-			h.ServeHTTP(w, r)
-			return
-		}
+		sw := &stallWriter{ResponseWriter: w, rc: *http.NewResponseController(w), window: window}
 		h.ServeHTTP(sw, r)
 		// net/http flushes the last bytes after the handler returns: give
 		// them a window too. Then it clears the deadline itself.
@@ -99,17 +102,31 @@ func sendGuard(h http.Handler, window time.Duration) http.Handler {
 
 type stallWriter struct {
 	http.ResponseWriter
-	rc     *http.ResponseController
-	window time.Duration
+	rc         http.ResponseController
+	window     time.Duration
+	noDeadline bool // the connection has no write deadline to move
 }
 
 func (s *stallWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
 
-func (s *stallWriter) extend() error { return s.rc.SetWriteDeadline(time.Now().Add(s.window)) }
+func (s *stallWriter) extend() {
+	if !s.noDeadline && s.rc.SetWriteDeadline(time.Now().Add(s.window)) != nil {
+		s.noDeadline = true
+	}
+}
 
 func (s *stallWriter) WriteHeader(code int) {
-	s.extend()
+	if code < 200 {
+		s.extend() // net/http writes an informational status at once
+	}
 	s.ResponseWriter.WriteHeader(code)
+}
+
+// FlushError sends what is buffered, within a window. http.ResponseController
+// (and so echo's Flush) finds it before it unwraps.
+func (s *stallWriter) FlushError() error {
+	s.extend()
+	return http.NewResponseController(s.ResponseWriter).Flush()
 }
 
 func (s *stallWriter) Write(p []byte) (int, error) {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -10,6 +11,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"os"
 	"testing"
 	"time"
 )
@@ -142,4 +145,68 @@ func layerOf(t *testing.T, img loadImage) string {
 		t.Fatalf("manifest: %v", err)
 	}
 	return m.Layers[0].Digest
+}
+
+// sendGuard moves the write deadline before whatever reaches the socket,
+// however long the handler took before it wrote: a handler slower than the
+// window still answers a client that reads, through Write, ReadFrom and
+// Flush; a client that stops reading is still dropped.
+func TestSendGuardMovesTheDeadlineAtEachWrite(t *testing.T) {
+	const window = 300 * time.Millisecond
+	body := bytes.Repeat([]byte("x"), 1<<20)
+	failed := make(chan error, 4)
+	h := sendGuard(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(2 * window) // longer than the window, before any write
+		var err error
+		switch r.URL.Path {
+		case "/write":
+			w.WriteHeader(http.StatusOK)
+			if err = http.NewResponseController(w).Flush(); err == nil {
+				time.Sleep(2 * window)
+				_, err = w.Write(body)
+			}
+		case "/readfrom":
+			_, err = io.Copy(w, struct{ io.Reader }{bytes.NewReader(body)})
+			if err == nil {
+				_, err = w.(io.ReaderFrom).ReadFrom(bytes.NewReader(body))
+			}
+		case "/endless":
+			for err == nil {
+				_, err = w.Write(body)
+			}
+		}
+		failed <- err
+	}), window)
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	for _, path := range []string{"/write", "/readfrom"} {
+		resp, err := http.Get(srv.URL + path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		n, err := io.Copy(io.Discard, resp.Body)
+		resp.Body.Close()
+		if err != nil || n < int64(len(body)) {
+			t.Errorf("%s: %d bytes, %v", path, n, err)
+		}
+		if err := <-failed; err != nil {
+			t.Errorf("%s: the handler's write failed: %v", path, err)
+		}
+	}
+
+	c, err := net.Dial("tcp", srv.Listener.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.(*net.TCPConn).SetReadBuffer(16 << 10)
+	fmt.Fprintf(c, "GET /endless HTTP/1.1\r\nHost: x\r\n\r\n") // and never read
+	select {
+	case err := <-failed:
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("the write to a client that stopped reading ended with %v", err)
+		}
+	case <-time.After(2*window + 10*time.Second):
+		t.Fatal("a client that stopped reading still holds its handler")
+	}
 }
