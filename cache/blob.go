@@ -91,11 +91,14 @@ type BlobWriter struct {
 	mu      sync.Mutex
 	path    string        // where the bytes are now: temp path, then final path
 	written int64         // bytes written to the file
-	visible int64         // bytes followers may read
+	visible int64         // bytes followers may be told of: all but the last until Commit
 	final   bool          // visible == written and no more bytes will come
 	err     error         // set when the write failed or was canceled
 	ending  bool          // an Abort is under way
-	changed chan struct{} // closed and replaced whenever the above change
+	changed chan struct{} // closed and replaced to tell followers (see grew)
+	told    int64         // how far followers may read: visible when they were last told
+	flush   *time.Timer   // tells followers of bytes that waited followLinger
+	flushOn bool          // flush is set to fire
 	readers []*os.File    // followers' files, counted as readers once committed
 
 	// keep: the temp file is the caller's (an upload session's). Commit
@@ -163,30 +166,30 @@ func (s *Store) createTempPrefixed(prefix string) (string, *os.File, error) {
 
 // Write appends p to the blob.
 func (w *BlobWriter) Write(p []byte) (int, error) {
-	w.mu.Lock()
-	err := w.err
-	done := w.final
-	w.mu.Unlock()
-	if err != nil {
+	if err := w.writable(); err != nil {
 		return 0, err
-	}
-	if done {
-		return 0, errors.New("cache: write after commit")
 	}
 	n, err := w.out.Write(p)
 	w.digester.Hash().Write(p[:n])
-	w.mu.Lock()
-	w.written += int64(n)
-	if w.written > 0 {
-		w.visible = w.written - 1
-	}
-	w.notifyLocked()
-	w.mu.Unlock()
+	w.grew(n)
 	if err != nil {
 		err = w.s.writeErr("write temp file", err)
 		w.Abort(err)
 	}
 	return n, err
+}
+
+// writable is nil while bytes may still be written.
+func (w *BlobWriter) writable() error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.err != nil {
+		return w.err
+	}
+	if w.final {
+		return errors.New("cache: write after commit")
+	}
+	return nil
 }
 
 // Size is the number of bytes written so far.
@@ -196,9 +199,65 @@ func (w *BlobWriter) Size() int64 {
 	return w.written
 }
 
+// A fill arrives in network reads of a few KiB to 256 KiB. Telling every
+// follower of each one would wake 32 waiting clients thousands of times a
+// second, each to send a sliver: with 32 clients on one fill that was most
+// of the server's CPU besides sending. So followers are told once a
+// stretch of followBatch bytes is visible, or once new bytes have waited
+// followLinger, whichever comes first; the first bytes they are told of at
+// once (time to first byte counts), and the end or a failure at once.
+const followBatch = 256 << 10
+
+var followLinger = 2 * time.Millisecond // tests lengthen it
+
+// grew records n more bytes in the file: all but the last written byte
+// become visible, and followers are told as the comment above says.
+func (w *BlobWriter) grew(n int) {
+	if n == 0 {
+		return
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.written += int64(n)
+	w.visible = w.written - 1
+	switch {
+	case w.visible == w.told:
+	case w.told == 0 || w.visible-w.told >= followBatch:
+		w.notifyLocked()
+	case !w.flushOn:
+		w.flushOn = true
+		if w.flush == nil {
+			w.flush = time.AfterFunc(followLinger, w.flushNow)
+		} else {
+			w.flush.Reset(followLinger)
+		}
+	}
+}
+
+// flushNow tells followers of the bytes that waited followLinger.
+func (w *BlobWriter) flushNow() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	w.flushOn = false
+	if w.visible > w.told {
+		w.notifyLocked()
+	}
+}
+
+// notifyLocked tells the followers that what they wait on changed.
 func (w *BlobWriter) notifyLocked() {
+	w.told = w.visible
 	close(w.changed)
 	w.changed = make(chan struct{})
+}
+
+// stopFlushLocked is for the end of the writing: the commit or abort
+// tells the followers itself.
+func (w *BlobWriter) stopFlushLocked() {
+	if w.flush != nil {
+		w.flush.Stop()
+		w.flushOn = false
+	}
 }
 
 // Commit verifies the bytes against want (and size, unless it is negative),
@@ -241,6 +300,7 @@ func (w *BlobWriter) Commit(want digest.Digest, size int64, origin Origin) error
 	// survives a crash.
 	w.mu.Lock()
 	w.visible, w.final = w.written, true
+	w.stopFlushLocked()
 	w.notifyLocked()
 	w.mu.Unlock()
 	return nil
@@ -478,6 +538,7 @@ func (w *BlobWriter) Abort(err error) {
 	}
 	w.mu.Lock()
 	w.err = err
+	w.stopFlushLocked()
 	w.notifyLocked()
 	w.mu.Unlock()
 }
@@ -533,18 +594,20 @@ func (r *follower) Read(p []byte) (int, error) {
 	return m, err
 }
 
-// wait blocks until there are bytes past r.off to read, and returns how far
-// they go; io.EOF once the blob is complete and read.
+// wait blocks until followers were told of bytes past r.off, and returns
+// how far they go; io.EOF once the blob is complete and read. A follower
+// reads only as far as it was told, not as far as is visible: one that
+// caught up waits for the next stretch rather than chase each write.
 func (r *follower) wait() (int64, error) {
 	for {
 		r.w.mu.Lock()
-		visible, final, err, changed := r.w.visible, r.w.final, r.w.err, r.w.changed
+		told, final, err, changed := r.w.told, r.w.final, r.w.err, r.w.changed
 		r.w.mu.Unlock()
 		if err != nil {
 			return 0, err
 		}
-		if r.off < visible {
-			return visible, nil
+		if r.off < told {
+			return told, nil
 		}
 		if final {
 			return 0, io.EOF
@@ -574,9 +637,6 @@ func (r *follower) WriteTo(w io.Writer) (int64, error) {
 		if err != nil {
 			return total, err
 		}
-		if total > 0 { // the first bytes go at once: time to first byte counts
-			visible = r.linger(visible)
-		}
 		if _, err := r.f.Seek(r.off, io.SeekStart); err != nil {
 			return total, err
 		}
@@ -585,40 +645,6 @@ func (r *follower) WriteTo(w io.Writer) (int64, error) {
 		total += n
 		if err != nil {
 			return total, err
-		}
-	}
-}
-
-// A follower close behind the writer would send every network read of the
-// fill as its own sendfile, woken each time: with 32 clients on one fill
-// that is most of the server's CPU. So it lingers a moment for a stretch
-// worth sending; the bytes still flow as they arrive, a little later.
-const (
-	followBatch  = 256 << 10
-	followLinger = 2 * time.Millisecond
-)
-
-// linger waits, up to followLinger, until at least followBatch bytes past
-// r.off are visible or no more will come, and returns how far they go.
-func (r *follower) linger(visible int64) int64 {
-	if visible-r.off >= followBatch {
-		return visible
-	}
-	t := time.NewTimer(followLinger)
-	defer t.Stop()
-	for {
-		r.w.mu.Lock()
-		visible, final, err, changed := r.w.visible, r.w.final, r.w.err, r.w.changed
-		r.w.mu.Unlock()
-		if visible-r.off >= followBatch || final || err != nil {
-			return visible
-		}
-		select {
-		case <-changed:
-		case <-t.C:
-			return visible
-		case <-r.ctx.Done():
-			return visible
 		}
 	}
 }
