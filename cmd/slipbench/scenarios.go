@@ -496,7 +496,8 @@ func withDigest(loc string, d digest.Digest) string {
 	return u.String()
 }
 
-// send does one request with a body and wants status want.
+// send does one request with a body and wants status want (any, if
+// want < 0).
 func send(c *http.Client, method, u string, body []byte, header map[string]string, want int) (*http.Response, error) {
 	req, err := http.NewRequest(method, u, bytes.NewReader(body))
 	if err != nil {
@@ -513,7 +514,7 @@ func send(c *http.Client, method, u string, body []byte, header map[string]strin
 	}
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
 	resp.Body.Close()
-	if resp.StatusCode != want {
+	if want >= 0 && resp.StatusCode != want {
 		return nil, fmt.Errorf("%s %s: status %d, want %d: %s", method, u, resp.StatusCode, want, msg)
 	}
 	return resp, nil
@@ -530,10 +531,26 @@ func pushMonolithic(c *http.Client, base, repo string, blob []byte, d digest.Dig
 }
 
 // pushSinglePOST is one POST with the digest and the whole blob
-// (BuildKit pushes image configs so).
+// (BuildKit pushes image configs so). A registry that does not take a blob in the POST answers 202 with an
+// upload, as the spec allows (distribution 2.8 does); the client then
+// sends it again with a PUT, as clients do, and the push costs both.
 func pushSinglePOST(c *http.Client, base, repo string, blob []byte, d digest.Digest) error {
-	_, err := send(c, http.MethodPost, base+"/v2/"+repo+"/blobs/uploads/?digest="+string(d), blob, nil, http.StatusCreated)
-	return err
+	resp, err := send(c, http.MethodPost, base+"/v2/"+repo+"/blobs/uploads/?digest="+string(d), blob, nil, -1)
+	if err != nil {
+		return err
+	}
+	switch resp.StatusCode {
+	case http.StatusCreated:
+		return nil
+	case http.StatusAccepted:
+		loc, err := location(base, resp)
+		if err != nil {
+			return err
+		}
+		_, err = send(c, http.MethodPut, withDigest(loc, d), blob, nil, http.StatusCreated)
+		return err
+	}
+	return fmt.Errorf("single POST: status %d, want 201 (or 202 and an upload)", resp.StatusCode)
 }
 
 // pushChunked is POST, a PATCH per chunk with Content-Range, then PUT.
