@@ -531,9 +531,10 @@ func pushMonolithic(c *http.Client, base, repo string, blob []byte, d digest.Dig
 }
 
 // pushSinglePOST is one POST with the digest and the whole blob
-// (BuildKit pushes image configs so). A registry that does not take a blob in the POST answers 202 with an
-// upload, as the spec allows (distribution 2.8 does); the client then
-// sends it again with a PUT, as clients do, and the push costs both.
+// (BuildKit pushes image configs so). A registry that does not take a
+// blob in the POST answers 202 with an upload, as the spec allows
+// (distribution 2.8 does); the client then sends it again with a PUT, as
+// clients do, and the push costs both.
 func pushSinglePOST(c *http.Client, base, repo string, blob []byte, d digest.Digest) error {
 	resp, err := send(c, http.MethodPost, base+"/v2/"+repo+"/blobs/uploads/?digest="+string(d), blob, nil, -1)
 	if err != nil {
